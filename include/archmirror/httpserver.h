@@ -1,0 +1,107 @@
+/*
+ * httpserver — the HTTP/1.1 server: libuv listeners (IPv4/IPv6), llhttp parsing,
+ * keep-alive and pipelining, bounded request heads, header/idle timeouts, a connection
+ * cap, and graceful drain.
+ *
+ * One exchange (request + response) is active per connection at a time; pipelined
+ * requests wait in the read buffer until the previous response is queued. The server
+ * owns every exchange; a handler borrows it from the handler call until it finishes the
+ * response (am_http_respond / am_http_end / am_http_abort) or until on_gone returns.
+ * This module knows nothing about registries and must never block the loop.
+ */
+#ifndef ARCHMIRROR_HTTPSERVER_H
+#define ARCHMIRROR_HTTPSERVER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "archmirror/http.h"
+
+struct am_httpserver;
+struct am_http_exchange;
+
+struct am_http_request {
+    uint64_t conn_id;    /* for log context: "c<conn_id> r<id>" */
+    uint64_t id;
+    const char *method;  /* "GET", "HEAD", … NUL-terminated */
+    bool is_head;
+    const char *path;    /* raw request-target up to '?', NUL-terminated, not decoded */
+    size_t path_len;
+    const char *query;   /* after '?', NUL-terminated, "" when absent */
+    size_t query_len;
+    const struct am_http_header *headers;
+    size_t n_headers;
+    const char *peer;    /* "127.0.0.1:41234" or "[::1]:41234" */
+};
+
+/* Called once per request after the whole request (head and any small body, which is
+ * discarded) was read. */
+typedef void (*am_http_handler_fn)(void *ctx, struct am_http_exchange *ex);
+
+struct am_httpserver_opts {
+    uint64_t max_connections;   /* beyond it, new connections get 503 and close */
+    uint64_t max_header_bytes;  /* request line + headers; beyond → 431 and close */
+    uint64_t max_headers;       /* count; beyond → 431 and close */
+    uint64_t header_timeout_ms; /* a started head must complete in this time → 408 */
+    uint64_t idle_timeout_ms;   /* keep-alive connection with no request → closed */
+    uint64_t drain_timeout_ms;  /* on drain, in-flight exchanges get this long */
+};
+
+/* Returns 0 with *out owned (am_httpserver_free after drain completed) or AM_ENOMEM.
+ * handler/ctx are kept until free. */
+int am_httpserver_new(uv_loop_t *loop, const struct am_httpserver_opts *opts,
+                      am_http_handler_fn handler, void *ctx, struct am_httpserver **out);
+/* Binds and listens on "host:port" / "[v6]:port" (port 0 = ephemeral). Returns 0, or
+ * AM_EINVAL (unparseable), AM_EIO with msg "address already in use …" etc. */
+int am_httpserver_listen(struct am_httpserver *srv, const char *hostport, char *msg,
+                         size_t msglen);
+/* The port actually bound by the i-th successful listen (for port 0). */
+int am_httpserver_port(const struct am_httpserver *srv, size_t i);
+/* Stops accepting, closes idle connections, lets active exchanges finish for
+ * drain_timeout_ms, then closes the rest; done(arg) runs when no handle is left. */
+void am_httpserver_drain(struct am_httpserver *srv, void (*done)(void *arg), void *arg);
+void am_httpserver_free(struct am_httpserver *srv);
+
+/* --- exchange API (all take a borrowed live exchange) --- */
+const struct am_http_request *am_http_request_of(const struct am_http_exchange *ex);
+/* The loop the exchange runs on. */
+uv_loop_t *am_http_loop(const struct am_http_exchange *ex);
+/* First value of a request header, or NULL; *len gets its length. View valid while ex. */
+const char *am_http_req_header(const struct am_http_exchange *ex, const char *name, size_t *len);
+
+/* on_drain: the response's queued bytes fell to zero after writes (use it to resume a
+ * paused producer). on_gone: the client went away (or the server force-closed) before
+ * the handler finished; ex is invalid after on_gone returns and the handler must not
+ * call into it again. Either may be NULL. arg is kept. */
+void am_http_set_callbacks(struct am_http_exchange *ex, void (*on_drain)(void *arg),
+                           void (*on_gone)(void *arg), void *arg);
+
+/* A complete response with a body copied from body[0..len). reason NULL → standard.
+ * Adds Date, Content-Length and Connection as needed; for HEAD the body is not sent but
+ * Content-Length still says len. hdrs are copied. Ends the exchange. Returns 0 or an
+ * error (the exchange has ended either way). */
+int am_http_respond(struct am_http_exchange *ex, int status, const char *reason,
+                    const struct am_http_header *hdrs, size_t n_hdrs, const void *body,
+                    size_t len);
+/* An OCI error response for err (status and code from the error table), message may be
+ * NULL. reason NULL → standard phrase. Ends the exchange. */
+int am_http_respond_error(struct am_http_exchange *ex, int err, const char *reason,
+                          const char *message, const struct am_http_header *hdrs,
+                          size_t n_hdrs);
+
+/* Streaming: start with a known content_length (>= 0). For HEAD, start then end.
+ * Writes copy their data. The total written must equal content_length before end;
+ * otherwise end behaves like abort. */
+int am_http_start(struct am_http_exchange *ex, int status, const char *reason,
+                  const struct am_http_header *hdrs, size_t n_hdrs, uint64_t content_length);
+int am_http_write(struct am_http_exchange *ex, const void *data, size_t len);
+/* Bytes written by the handler but not yet accepted by the kernel. */
+size_t am_http_queued(const struct am_http_exchange *ex);
+int am_http_end(struct am_http_exchange *ex);
+/* Ends the exchange by closing the connection (used when a body cannot be completed:
+ * a client must never see a short response that looks whole). */
+void am_http_abort(struct am_http_exchange *ex);
+
+#endif

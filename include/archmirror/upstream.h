@@ -1,0 +1,96 @@
+/*
+ * upstream — the async HTTP/1.1 client for one upstream registry.
+ *
+ * Owns, per upstream: the base URL, a TLS context (OpenSSL; system CA store by default,
+ * or the configured CA file; SNI and hostname verification; `insecure` opt-out), a
+ * keep-alive pool, and a cache of bearer tokens per scope until expiry. A request
+ * transparently runs the registry token flow (401 + WWW-Authenticate → token from the
+ * realm with service and scope, anonymous or with configured credentials; Basic when the
+ * challenge says so) and follows redirects (307/302/303/301/308, at most max_redirects;
+ * Authorization dropped when the host changes; targets on loopback/link-local refused
+ * unless allowed). Credentials and tokens are never logged.
+ * The caller sees only the final response. Connect, response-head and body-idle timeouts
+ * end a request with AM_EUPSTREAM_TIMEOUT. This module never blocks the loop.
+ */
+#ifndef ARCHMIRROR_UPSTREAM_H
+#define ARCHMIRROR_UPSTREAM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "archmirror/config.h"
+#include "archmirror/http.h"
+
+struct am_upstream;
+struct am_upstream_req;
+
+struct am_upstream_opts {
+    uint64_t connect_timeout_ms;
+    uint64_t header_timeout_ms;
+    uint64_t idle_timeout_ms;
+    uint64_t pool_size;
+    uint64_t max_redirects;
+    bool allow_private_redirects;
+};
+
+/* conf is copied. Returns 0 with *out owned (am_upstream_free), or AM_ECONFIG /
+ * AM_EUPSTREAM_TLS (bad CA file…) with msg filled, or AM_ENOMEM. */
+int am_upstream_new(uv_loop_t *loop, const struct am_upstream_conf *conf,
+                    const struct am_upstream_opts *opts, struct am_upstream **out, char *msg,
+                    size_t msglen);
+/* Cancels in-flight requests (their on_done runs with AM_ECANCELED), closes pooled
+ * connections, and frees once every handle is closed (asynchronously). */
+void am_upstream_free(struct am_upstream *up);
+const char *am_upstream_name(const struct am_upstream *up);
+
+struct am_upstream_response {
+    int status;
+    const char *reason;
+    size_t reason_len;
+    const struct am_http_header *headers;
+    size_t n_headers;
+    int64_t content_length; /* -1 when unknown (chunked / close-delimited) */
+};
+
+struct am_upstream_cbs {
+    /* The final response's head (after auth and redirects). Views valid during the call. */
+    void (*on_head)(void *arg, const struct am_upstream_response *resp);
+    /* A piece of the body; view valid during the call. Not called for HEAD. */
+    void (*on_body)(void *arg, const char *data, size_t len);
+    /* Exactly once, unless cancelled: 0 when the whole body arrived (its length matched
+     * Content-Length), else an AM_E* code. May come without on_head (connect error,
+     * token endpoint failure…). */
+    void (*on_done)(void *arg, int status);
+};
+
+struct am_upstream_request_opts {
+    const char *method; /* "GET" or "HEAD" */
+    const char *path;   /* absolute path on the upstream, "/v2/library/alpine/manifests/3.20" */
+    const char *accept; /* NULL → none */
+    const char *range;  /* NULL → none; the Range header value */
+    const char *scope;  /* token scope, "repository:library/alpine:pull"; NULL → none */
+};
+
+/* Starts a request; opts strings are copied, cbs copied, arg kept until on_done or
+ * cancel. Returns 0 (callbacks will follow) or an error (no callback will run). *out
+ * (may be NULL) is valid until on_done returns or cancel. */
+int am_upstream_request(struct am_upstream *up, const struct am_upstream_request_opts *opts,
+                        const struct am_upstream_cbs *cbs, void *arg,
+                        struct am_upstream_req **out);
+/* Flow control: stop/continue reading the body (a slow client downstream). */
+void am_upstream_req_pause(struct am_upstream_req *req);
+void am_upstream_req_resume(struct am_upstream_req *req);
+/* No callback runs after this returns; the connection is discarded, not pooled. */
+void am_upstream_req_cancel(struct am_upstream_req *req);
+
+/* Counters for tests and logs. */
+struct am_upstream_stats {
+    uint64_t requests;       /* requests sent on the wire, retries included */
+    uint64_t token_fetches;  /* token endpoint requests */
+    uint64_t connections;    /* connections opened */
+};
+void am_upstream_get_stats(const struct am_upstream *up, struct am_upstream_stats *out);
+
+#endif
