@@ -8,6 +8,13 @@
  * single writer on the libuv thread pool that batches puts into one transaction: the
  * event loop must never wait on an LMDB write or fsync. MDB_MAP_FULL and read-only or
  * full disks become AM_ESTORE_FULL / AM_ESTORE_READONLY, never a crash.
+ *
+ * On disk: <dir>/meta.lmdb and <dir>/meta.lmdb-lock (LMDB with MDB_NOSUBDIR), named
+ * DBs "manifests", "tags" and "meta" (schema version). A store must not be opened twice
+ * in one process at the same time (LMDB's rule). Key and value encodings are in
+ * src/metastore.c. Upstream, repository and tag are bounded by AM_REGISTRY_MAX,
+ * AM_NAME_MAX and AM_TAG_MAX and must be printable ASCII without spaces (the reference
+ * module validates the real grammar first); anything else is AM_EINVAL.
  */
 #ifndef ARCHMIRROR_METASTORE_H
 #define ARCHMIRROR_METASTORE_H
@@ -22,12 +29,17 @@
 
 struct am_metastore;
 
-/* Opens (creating) <dir>/meta.lmdb with the given map size. Returns 0 with *out owned
- * (release with am_metastore_close), or AM_ESTORE/AM_ESTORE_READONLY with msg filled. */
+/* Opens (creating, mkdir -p) <dir>/meta.lmdb with the given map size (0: LMDB's default).
+ * Synchronous: meant for startup, before the loop serves requests. dir borrowed; loop
+ * kept until close's done. Returns 0 with *out owned (release with am_metastore_close), or
+ * AM_ESTORE (also: schema version newer than this build), AM_ESTORE_READONLY,
+ * AM_ESTORE_FULL or AM_ENOMEM with msg filled (msg may be NULL). */
 int am_metastore_open(uv_loop_t *loop, const char *dir, uint64_t map_bytes,
                       struct am_metastore **out, char *msg, size_t msglen);
-/* Stops accepting writes; calls done(arg) on the loop once queued writes are committed,
- * then frees the store. done may be NULL. */
+/* Stops accepting writes and reads (both fail with AM_EUNAVAILABLE from now on); lets
+ * the queued writes commit and their callbacks run, closes the LMDB env, frees the store,
+ * then calls done(arg) on the loop, never from within this call. done may be NULL. Call
+ * once; takes ms. */
 void am_metastore_close(struct am_metastore *ms, void (*done)(void *arg), void *arg);
 
 struct am_manifest_rec {
@@ -45,21 +57,34 @@ struct am_tag_rec {
     uint64_t fetched_at_ms; /* wall clock, ms since epoch, of the last upstream check */
 };
 
-/* Reads. Return 0, AM_ENOT_FOUND, AM_ENOMEM or AM_ESTORE. Strings borrowed. */
+/* Reads, on the loop thread. Return 0, AM_ENOT_FOUND, AM_ENOMEM, AM_ESTORE (also: a
+ * stored value that fails validation), AM_EINVAL (arguments out of bounds) or
+ * AM_EUNAVAILABLE (store closing). Strings borrowed. out is always initialised (zeroed on
+ * failure), so am_manifest_rec_cleanup is safe on every path. A manifest's bytes are
+ * returned owned, with a NUL after the last byte (not counted in len). */
 int am_metastore_get_manifest(struct am_metastore *ms, const char *upstream, const char *repo,
                               const struct am_digest *digest, struct am_manifest_rec *out);
-void am_manifest_rec_cleanup(struct am_manifest_rec *rec);
+void am_manifest_rec_cleanup(struct am_manifest_rec *rec); /* accepts NULL */
 int am_metastore_get_tag(struct am_metastore *ms, const char *upstream, const char *repo,
                          const char *tag, struct am_tag_rec *out);
 
-/* Whether a tag checked at rec->fetched_at_ms is still fresh at now_ms. */
-bool am_metastore_tag_is_fresh(const struct am_tag_rec *rec, uint64_t now_ms,
-                               uint64_t window_ms);
+/* Whether a tag checked at rec->fetched_at_ms is still fresh at now_ms: iff
+ * fetched_at_ms <= now_ms and now_ms - fetched_at_ms < window_ms. A fetched_at_ms in the
+ * future (the wall clock stepped back) is never fresh: the tag is revalidated once and the
+ * new record carries the new clock. window_ms 0 means never fresh. */
+bool am_metastore_tag_is_fresh(const struct am_tag_rec *rec, uint64_t now_ms, uint64_t window_ms);
 
-/* Writes: copy their inputs, queue, and return at once (0 or AM_ENOMEM, or the error of
- * a store that is closing). cb (may be NULL) runs later on the loop with the commit's
- * status: 0, AM_ESTORE_FULL, AM_ESTORE_READONLY, AM_ESTORE. A read issued after the
- * callback sees the write; a read before it may not. */
+/* Writes: copy their inputs (all borrowed), queue, and return at once: 0, AM_ENOMEM,
+ * AM_EINVAL (arguments out of bounds, or a digest that am_digest_parse would not produce),
+ * AM_ETOO_LARGE (manifest over AM_METASTORE_MANIFEST_MAX) or AM_EUNAVAILABLE (store
+ * closing). A put that returns an
+ * error never runs cb; one that returns 0 runs it exactly once. cb (may be NULL) runs
+ * later on the loop with the commit's status: 0, AM_ESTORE_FULL, AM_ESTORE_READONLY,
+ * AM_ENOMEM or AM_ESTORE. Puts are committed in the order they were made; all puts of
+ * one batch share one transaction and one status (a failed batch applies none of them).
+ * A failed batch is logged once at WARN. A read issued after the callback sees the write;
+ * a read before it may not. */
+#define AM_METASTORE_MANIFEST_MAX ((size_t)64 << 20)
 typedef void (*am_metastore_cb)(void *arg, int status);
 int am_metastore_put_manifest(struct am_metastore *ms, const char *upstream, const char *repo,
                               const struct am_digest *digest, const char *media_type,
@@ -70,5 +95,15 @@ int am_metastore_put_tag(struct am_metastore *ms, const char *upstream, const ch
 
 /* Milliseconds since the epoch (wall clock), the unit of fetched_at_ms. */
 uint64_t am_metastore_now_ms(void);
+
+/* Counters since open, for diagnostics and tests. */
+struct am_metastore_stats {
+    uint64_t puts;       /* writes accepted (put returned 0) */
+    uint64_t write_txns; /* write transactions run (one per batch) */
+    uint64_t committed;  /* writes whose batch committed */
+    uint64_t failed;     /* writes whose batch failed */
+};
+/* Copies the counters into *out. Loop thread; ms must not yet have reached close's done. */
+void am_metastore_get_stats(const struct am_metastore *ms, struct am_metastore_stats *out);
 
 #endif

@@ -1,0 +1,1069 @@
+/*
+ * test_metastore — the LMDB metadata store: round trips, scoping, batching, close,
+ * full and read-only stores, corrupt records, freshness.
+ *
+ * Every test gets a fresh directory (mkdtemp under $AM_TEST_TMP or /tmp) and its own
+ * loop, and ends by closing the store and asserting uv_loop_close() == 0: the store must
+ * leave no live handle or request behind. Corrupt records are written with the LMDB API
+ * directly, using the key and value layout documented in src/metastore.c.
+ */
+#include <errno.h>
+#include <ftw.h>
+#include <lmdb.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "archmirror/digest.h"
+#include "archmirror/error.h"
+#include "archmirror/log.h"
+#include "archmirror/mediatype.h"
+#include "archmirror/metastore.h"
+#include "archmirror/reference.h"
+
+#define MAX_CALLS 128
+
+struct fixture {
+    uv_loop_t loop;
+    char dir[4096];
+    struct am_metastore *ms;
+    int seq;    /* next callback sequence number */
+    int closed; /* close's done calls */
+    int closed_seq;
+};
+
+/* One put's callback record. */
+struct call {
+    struct fixture *f;
+    int calls;
+    int status;
+    int seq;
+};
+
+/* ---- fixture ---- */
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st, (void)flag, (void)ftw;
+    remove(path);
+    return 0;
+}
+
+static int setup(void **state)
+{
+    struct fixture *f = calloc(1, sizeof *f);
+    if (!f) return -1;
+    const char *base = getenv("AM_TEST_TMP");
+    if (!base || !*base) base = "/tmp";
+    /* $AM_TEST_TMP may not exist yet; create it (one level is all ctest needs). */
+    if (mkdir(base, 0755) != 0 && errno != EEXIST) goto fail;
+    snprintf(f->dir, sizeof f->dir, "%.4000s/metastore-XXXXXX", base);
+    if (!mkdtemp(f->dir)) goto fail;
+    if (uv_loop_init(&f->loop) != 0) {
+        rmdir(f->dir);
+        goto fail;
+    }
+    *state = f;
+    return 0;
+
+fail:
+    fprintf(stderr, "setup: %s: %s\n", base, strerror(errno));
+    free(f);
+    return -1;
+}
+
+static int teardown(void **state)
+{
+    struct fixture *f = *state;
+    chmod(f->dir, 0700);
+    nftw(f->dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    free(f);
+    return 0;
+}
+
+static void on_closed(void *arg)
+{
+    struct fixture *f = arg;
+    f->closed++;
+    f->closed_seq = f->seq++;
+}
+
+static void on_put(void *arg, int status)
+{
+    struct call *c = arg;
+    c->calls++;
+    c->status = status;
+    c->seq = c->f->seq++;
+}
+
+static void open_store(struct fixture *f, uint64_t map_bytes)
+{
+    char msg[256] = "";
+    int rc = am_metastore_open(&f->loop, f->dir, map_bytes, &f->ms, msg, sizeof msg);
+    if (rc) fail_msg("open: %s: %s", am_error_name(rc), msg);
+}
+
+/* Closes the store (if open), runs the loop until done, and checks the loop is empty. */
+static void finish(struct fixture *f)
+{
+    if (f->ms) {
+        int before = f->closed;
+        am_metastore_close(f->ms, on_closed, f);
+        f->ms = NULL;
+        assert_int_equal(f->closed, before); /* never from within close */
+        assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+        assert_int_equal(f->closed, before + 1);
+    }
+    assert_int_equal(uv_loop_close(&f->loop), 0);
+}
+
+static void close_store(struct fixture *f)
+{
+    int before = f->closed;
+    am_metastore_close(f->ms, on_closed, f);
+    f->ms = NULL;
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(f->closed, before + 1);
+}
+
+static void digest_of_int(int i, struct am_digest *d)
+{
+    char s[32];
+    int n = snprintf(s, sizeof s, "blob-%d", i);
+    am_digest_of(AM_DIGEST_SHA256, s, (size_t)n, d);
+}
+
+static struct am_tag_rec tag_rec(int i, uint64_t fetched_at)
+{
+    struct am_tag_rec r;
+    memset(&r, 0, sizeof r);
+    digest_of_int(i, &r.digest);
+    snprintf(r.media_type, sizeof r.media_type, "%s", AM_MT_OCI_INDEX_S);
+    r.size = 1000u + (uint64_t)i;
+    r.fetched_at_ms = fetched_at;
+    return r;
+}
+
+/* Puts a tag, runs the loop until its callback ran, returns the callback's status. */
+static int put_tag_now(struct fixture *f, const char *up, const char *repo, const char *tag,
+                       const struct am_tag_rec *rec)
+{
+    struct call c = {.f = f};
+    assert_int_equal(am_metastore_put_tag(f->ms, up, repo, tag, rec, on_put, &c), 0);
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(c.calls, 1);
+    return c.status;
+}
+
+static int put_manifest_now(struct fixture *f, const char *up, const char *repo,
+                            const struct am_digest *d, const char *mt, const char *bytes,
+                            size_t len)
+{
+    struct call c = {.f = f};
+    assert_int_equal(am_metastore_put_manifest(f->ms, up, repo, d, mt, bytes, len, on_put, &c), 0);
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(c.calls, 1);
+    return c.status;
+}
+
+static void assert_tag_equal(const struct am_tag_rec *a, const struct am_tag_rec *b)
+{
+    assert_string_equal(a->digest.str, b->digest.str);
+    assert_int_equal(a->digest.alg, b->digest.alg);
+    assert_string_equal(a->media_type, b->media_type);
+    assert_int_equal(a->size, b->size);
+    assert_int_equal(a->fetched_at_ms, b->fetched_at_ms);
+}
+
+/* ---- round trips ---- */
+
+static void stores_and_reads_back_a_manifest(void **state)
+{
+    struct fixture *f = *state;
+    const char body[] = "{\"schemaVersion\":2,\"mediaType\":\"" AM_MT_OCI_MANIFEST_S "\"}";
+    struct am_digest d;
+    struct am_manifest_rec rec;
+    am_digest_of(AM_DIGEST_SHA256, body, sizeof body - 1, &d);
+    open_store(f, 0);
+
+    uint64_t before = am_metastore_now_ms();
+    assert_int_equal(put_manifest_now(f, "docker.io", "library/nginx", &d, AM_MT_OCI_MANIFEST_S,
+                                      body, sizeof body - 1),
+                     0);
+    uint64_t after = am_metastore_now_ms();
+
+    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/nginx", &d, &rec), 0);
+    assert_int_equal(rec.len, sizeof body - 1);
+    assert_memory_equal(rec.bytes, body, rec.len);
+    assert_int_equal(rec.bytes[rec.len], '\0');
+    assert_string_equal(rec.media_type, AM_MT_OCI_MANIFEST_S);
+    assert_true(am_digest_equal(&rec.digest, &d));
+    assert_true(rec.stored_at_ms >= before && rec.stored_at_ms <= after);
+    am_manifest_rec_cleanup(&rec);
+    assert_null(rec.bytes);
+
+    struct am_metastore_stats st;
+    am_metastore_get_stats(f->ms, &st);
+    assert_int_equal(st.puts, 1);
+    assert_int_equal(st.committed, 1);
+    assert_int_equal(st.failed, 0);
+    finish(f);
+}
+
+static void stores_and_reads_back_a_tag(void **state)
+{
+    struct fixture *f = *state;
+    struct am_tag_rec in = tag_rec(7, 1700000000123u), out;
+    open_store(f, 0);
+
+    assert_int_equal(put_tag_now(f, "ghcr.io", "owner/app", "v1.2.3", &in), 0);
+    assert_int_equal(am_metastore_get_tag(f->ms, "ghcr.io", "owner/app", "v1.2.3", &out), 0);
+    assert_tag_equal(&out, &in);
+    finish(f);
+}
+
+static void stores_an_empty_manifest_media_type_and_sha512_digest(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest d;
+    struct am_manifest_rec rec;
+    am_digest_of(AM_DIGEST_SHA512, "x", 1, &d);
+    open_store(f, 0);
+
+    assert_int_equal(put_manifest_now(f, "quay.io", "a/b", &d, "", "x", 1), 0);
+    assert_int_equal(am_metastore_get_manifest(f->ms, "quay.io", "a/b", &d, &rec), 0);
+    assert_string_equal(rec.media_type, "");
+    assert_int_equal(rec.len, 1);
+    assert_int_equal(rec.digest.alg, AM_DIGEST_SHA512);
+    am_manifest_rec_cleanup(&rec);
+    finish(f);
+}
+
+static void reports_missing_records_as_not_found(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest d;
+    struct am_manifest_rec rec;
+    struct am_tag_rec tag;
+    digest_of_int(1, &d);
+    open_store(f, 0);
+
+    memset(&rec, 0x5a, sizeof rec);
+    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/x", &d, &rec),
+                     AM_ENOT_FOUND);
+    assert_null(rec.bytes); /* zeroed, so cleanup is safe */
+    am_manifest_rec_cleanup(&rec);
+    am_manifest_rec_cleanup(NULL);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/x", "latest", &tag),
+                     AM_ENOT_FOUND);
+    finish(f);
+}
+
+/* ---- scoping ---- */
+
+static void keeps_upstreams_and_repositories_apart(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest d;
+    struct am_manifest_rec rec;
+    struct am_tag_rec t = tag_rec(1, 5), out;
+    digest_of_int(1, &d);
+    open_store(f, 0);
+
+    assert_int_equal(put_manifest_now(f, "docker.io", "a/repo", &d, AM_MT_OCI_MANIFEST_S, "{}", 2),
+                     0);
+    assert_int_equal(put_tag_now(f, "docker.io", "a/repo", "latest", &t), 0);
+
+    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "a/repo", &d, &rec), 0);
+    am_manifest_rec_cleanup(&rec);
+    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "b/repo", &d, &rec),
+                     AM_ENOT_FOUND);
+    assert_int_equal(am_metastore_get_manifest(f->ms, "ghcr.io", "a/repo", &d, &rec),
+                     AM_ENOT_FOUND);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "b/repo", "latest", &out),
+                     AM_ENOT_FOUND);
+    assert_int_equal(am_metastore_get_tag(f->ms, "ghcr.io", "a/repo", "latest", &out),
+                     AM_ENOT_FOUND);
+    /* Tags and manifests live in different DBs: a tag spelled like the digest is absent. */
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "a/repo", d.str, &out),
+                     AM_ENOT_FOUND);
+    finish(f);
+}
+
+static void does_not_confuse_components_that_concatenate_alike(void **state)
+{
+    struct fixture *f = *state;
+    struct am_tag_rec t1 = tag_rec(1, 1), t2 = tag_rec(2, 2), out;
+    open_store(f, 0);
+
+    assert_int_equal(put_tag_now(f, "ab", "c", "d", &t1), 0);
+    assert_int_equal(put_tag_now(f, "a", "bc", "d", &t2), 0);
+    assert_int_equal(am_metastore_get_tag(f->ms, "ab", "c", "d", &out), 0);
+    assert_tag_equal(&out, &t1);
+    assert_int_equal(am_metastore_get_tag(f->ms, "a", "bc", "d", &out), 0);
+    assert_tag_equal(&out, &t2);
+    assert_int_equal(am_metastore_get_tag(f->ms, "a", "b", "cd", &out), AM_ENOT_FOUND);
+    finish(f);
+}
+
+static void stores_keys_longer_than_lmdb_allows(void **state)
+{
+    struct fixture *f = *state;
+    char up[AM_REGISTRY_MAX + 1], repo1[AM_NAME_MAX + 1], repo2[AM_NAME_MAX + 1];
+    char tag[AM_TAG_MAX + 1];
+    struct am_digest d;
+    struct am_manifest_rec rec;
+    struct am_tag_rec t1 = tag_rec(1, 1), t2 = tag_rec(2, 2), out;
+    memset(up, 'u', AM_REGISTRY_MAX);
+    up[AM_REGISTRY_MAX] = '\0';
+    memset(repo1, 'r', AM_NAME_MAX);
+    repo1[AM_NAME_MAX] = '\0';
+    memcpy(repo2, repo1, sizeof repo2);
+    repo2[AM_NAME_MAX - 1] = 's'; /* differs in the last byte only */
+    memset(tag, 't', AM_TAG_MAX);
+    tag[AM_TAG_MAX] = '\0';
+    am_digest_of(AM_DIGEST_SHA512, "long", 4, &d);
+    open_store(f, 0);
+
+    assert_int_equal(put_manifest_now(f, up, repo1, &d, AM_MT_OCI_MANIFEST_S, "one", 3), 0);
+    assert_int_equal(put_manifest_now(f, up, repo2, &d, AM_MT_OCI_MANIFEST_S, "two", 3), 0);
+    assert_int_equal(put_tag_now(f, up, repo1, tag, &t1), 0);
+    assert_int_equal(put_tag_now(f, up, repo2, tag, &t2), 0);
+
+    assert_int_equal(am_metastore_get_manifest(f->ms, up, repo1, &d, &rec), 0);
+    assert_memory_equal(rec.bytes, "one", 3);
+    am_manifest_rec_cleanup(&rec);
+    assert_int_equal(am_metastore_get_manifest(f->ms, up, repo2, &d, &rec), 0);
+    assert_memory_equal(rec.bytes, "two", 3);
+    am_manifest_rec_cleanup(&rec);
+    assert_int_equal(am_metastore_get_tag(f->ms, up, repo1, tag, &out), 0);
+    assert_tag_equal(&out, &t1);
+    assert_int_equal(am_metastore_get_tag(f->ms, up, repo2, tag, &out), 0);
+    assert_tag_equal(&out, &t2);
+    finish(f);
+}
+
+/* ---- overwrite and batching ---- */
+
+static void overwrites_a_tag(void **state)
+{
+    struct fixture *f = *state;
+    struct am_tag_rec t1 = tag_rec(1, 100), t2 = tag_rec(2, 200), t3 = tag_rec(3, 300), out;
+    struct call c2 = {.f = f}, c3 = {.f = f};
+    open_store(f, 0);
+
+    assert_int_equal(put_tag_now(f, "docker.io", "library/x", "latest", &t1), 0);
+    assert_int_equal(put_tag_now(f, "docker.io", "library/x", "latest", &t2), 0);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/x", "latest", &out), 0);
+    assert_tag_equal(&out, &t2);
+
+    /* Two puts of one key before the loop runs: the later one wins. */
+    assert_int_equal(
+        am_metastore_put_tag(f->ms, "docker.io", "library/x", "latest", &t3, on_put, &c3), 0);
+    assert_int_equal(
+        am_metastore_put_tag(f->ms, "docker.io", "library/x", "latest", &t2, on_put, &c2), 0);
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(c3.calls, 1);
+    assert_int_equal(c2.calls, 1);
+    assert_true(c3.seq < c2.seq);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/x", "latest", &out), 0);
+    assert_tag_equal(&out, &t2);
+    finish(f);
+}
+
+static void batches_puts_made_before_the_loop_runs(void **state)
+{
+    struct fixture *f = *state;
+    enum { N = 50 };
+    struct call calls[N];
+    struct am_digest d[N];
+    char tags[N][16];
+    open_store(f, 0);
+
+    for (int i = 0; i < N; i++) {
+        calls[i] = (struct call){.f = f};
+        if (i % 2) {
+            struct am_tag_rec t = tag_rec(i, (uint64_t)i);
+            snprintf(tags[i], sizeof tags[i], "t%d", i);
+            assert_int_equal(am_metastore_put_tag(f->ms, "docker.io", "library/b", tags[i], &t,
+                                                  on_put, &calls[i]),
+                             0);
+        } else {
+            digest_of_int(i, &d[i]);
+            assert_int_equal(am_metastore_put_manifest(f->ms, "docker.io", "library/b", &d[i],
+                                                       AM_MT_OCI_MANIFEST_S, "x", 1, on_put,
+                                                       &calls[i]),
+                             0);
+        }
+    }
+    for (int i = 0; i < N; i++) assert_int_equal(calls[i].calls, 0); /* not inline */
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(calls[i].calls, 1);
+        assert_int_equal(calls[i].status, 0);
+        assert_int_equal(calls[i].seq, i); /* callbacks in put order */
+    }
+    struct am_metastore_stats st;
+    am_metastore_get_stats(f->ms, &st);
+    assert_int_equal(st.puts, N);
+    assert_int_equal(st.committed, N);
+    /* The first put starts a batch alone; the other 49 wait for it and share the next. */
+    assert_int_equal(st.write_txns, 2);
+
+    for (int i = 0; i < N; i++) {
+        if (i % 2) {
+            struct am_tag_rec out;
+            assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/b", tags[i], &out),
+                             0);
+            assert_int_equal(out.fetched_at_ms, (uint64_t)i);
+        } else {
+            struct am_manifest_rec rec;
+            assert_int_equal(
+                am_metastore_get_manifest(f->ms, "docker.io", "library/b", &d[i], &rec), 0);
+            am_manifest_rec_cleanup(&rec);
+        }
+    }
+    finish(f);
+}
+
+struct chain {
+    struct call first;
+    struct call more[2];
+    int put_rc[2];
+};
+
+static void on_put_then_put_more(void *arg, int status)
+{
+    struct chain *ch = arg;
+    struct fixture *f = ch->first.f;
+    on_put(&ch->first, status);
+    for (int i = 0; i < 2; i++) {
+        struct am_tag_rec t = tag_rec(10 + i, 1);
+        ch->put_rc[i] = am_metastore_put_tag(f->ms, "docker.io", "library/c", i ? "b" : "a", &t,
+                                             on_put, &ch->more[i]);
+    }
+}
+
+static void commits_puts_made_from_a_callback_in_a_later_batch(void **state)
+{
+    struct fixture *f = *state;
+    struct chain ch = {.first = {.f = f}, .more = {{.f = f}, {.f = f}}};
+    struct am_tag_rec t = tag_rec(1, 1), out;
+    open_store(f, 0);
+
+    assert_int_equal(am_metastore_put_tag(f->ms, "docker.io", "library/c", "first", &t,
+                                          on_put_then_put_more, &ch),
+                     0);
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(ch.first.calls, 1);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(ch.put_rc[i], 0);
+        assert_int_equal(ch.more[i].calls, 1);
+        assert_int_equal(ch.more[i].status, 0);
+    }
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/c", "a", &out), 0);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/c", "b", &out), 0);
+    struct am_metastore_stats st;
+    am_metastore_get_stats(f->ms, &st);
+    assert_int_equal(st.write_txns, 2); /* both callback puts shared one batch */
+    finish(f);
+}
+
+/* ---- close ---- */
+
+static void commits_queued_puts_before_close_completes_and_reopens_with_them(void **state)
+{
+    struct fixture *f = *state;
+    struct am_tag_rec t = tag_rec(3, 33), out;
+    struct am_digest d;
+    struct am_manifest_rec rec;
+    struct call c1 = {.f = f}, c2 = {.f = f};
+    digest_of_int(3, &d);
+    open_store(f, 0);
+
+    assert_int_equal(
+        am_metastore_put_tag(f->ms, "docker.io", "library/r", "latest", &t, on_put, &c1), 0);
+    assert_int_equal(am_metastore_put_manifest(f->ms, "docker.io", "library/r", &d,
+                                               AM_MT_DOCKER_MANIFEST_S, "{\"a\":1}", 7, on_put,
+                                               &c2),
+                     0);
+    am_metastore_close(f->ms, on_closed, f);
+    f->ms = NULL;
+    assert_int_equal(f->closed, 0);
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(c1.calls, 1);
+    assert_int_equal(c1.status, 0);
+    assert_int_equal(c2.calls, 1);
+    assert_int_equal(c2.status, 0);
+    assert_int_equal(f->closed, 1);
+    assert_true(c1.seq < f->closed_seq && c2.seq < f->closed_seq);
+
+    open_store(f, 0);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/r", "latest", &out), 0);
+    assert_tag_equal(&out, &t);
+    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/r", &d, &rec), 0);
+    assert_int_equal(rec.len, 7);
+    assert_memory_equal(rec.bytes, "{\"a\":1}", 7);
+    assert_string_equal(rec.media_type, AM_MT_DOCKER_MANIFEST_S);
+    am_manifest_rec_cleanup(&rec);
+    finish(f);
+}
+
+static void calls_close_done_from_the_loop_even_when_idle(void **state)
+{
+    struct fixture *f = *state;
+    open_store(f, 0);
+    am_metastore_close(f->ms, on_closed, f);
+    f->ms = NULL;
+    assert_int_equal(f->closed, 0);
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(f->closed, 1);
+    finish(f);
+}
+
+static void closes_without_a_done_callback(void **state)
+{
+    struct fixture *f = *state;
+    struct am_tag_rec t = tag_rec(1, 1);
+    struct call c = {.f = f};
+    open_store(f, 0);
+    assert_int_equal(am_metastore_put_tag(f->ms, "docker.io", "x/y", "z", &t, on_put, &c), 0);
+    am_metastore_close(f->ms, NULL, NULL);
+    f->ms = NULL;
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(c.calls, 1);
+    assert_int_equal(c.status, 0);
+    finish(f);
+}
+
+struct one_run {
+    struct fixture *f;
+    struct am_digest d;
+    int got;
+    size_t len;
+    int put_status;
+};
+
+static void on_put_read_and_close(void *arg, int status)
+{
+    struct one_run *r = arg;
+    struct am_manifest_rec rec;
+    r->put_status = status;
+    r->got = am_metastore_get_manifest(r->f->ms, "docker.io", "library/one", &r->d, &rec);
+    r->len = rec.len;
+    am_manifest_rec_cleanup(&rec);
+    am_metastore_close(r->f->ms, on_closed, r->f);
+    r->f->ms = NULL;
+}
+
+static void opens_uses_and_closes_within_one_loop_run(void **state)
+{
+    struct fixture *f = *state;
+    struct one_run r = {.f = f, .got = -1};
+    digest_of_int(9, &r.d);
+    open_store(f, 0);
+
+    assert_int_equal(am_metastore_put_manifest(f->ms, "docker.io", "library/one", &r.d,
+                                               AM_MT_OCI_INDEX_S, "{}", 2, on_put_read_and_close,
+                                               &r),
+                     0);
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(r.put_status, 0);
+    assert_int_equal(r.got, 0); /* visible once the callback runs */
+    assert_int_equal(r.len, 2);
+    assert_int_equal(f->closed, 1);
+    finish(f);
+}
+
+static void refuses_puts_and_reads_once_close_has_begun(void **state)
+{
+    struct fixture *f = *state;
+    struct am_tag_rec t = tag_rec(1, 1), out;
+    struct am_digest d;
+    struct am_manifest_rec rec;
+    struct call c = {.f = f};
+    struct am_metastore *ms;
+    digest_of_int(1, &d);
+    open_store(f, 0);
+    ms = f->ms;
+
+    am_metastore_close(ms, on_closed, f);
+    f->ms = NULL;
+    /* Until done runs the store still exists; it must refuse, not crash or queue. */
+    assert_int_equal(am_metastore_put_tag(ms, "docker.io", "x/y", "z", &t, on_put, &c),
+                     AM_EUNAVAILABLE);
+    assert_int_equal(am_metastore_put_manifest(ms, "docker.io", "x/y", &d, "", "a", 1, on_put, &c),
+                     AM_EUNAVAILABLE);
+    assert_int_equal(am_metastore_get_tag(ms, "docker.io", "x/y", "z", &out), AM_EUNAVAILABLE);
+    assert_int_equal(am_metastore_get_manifest(ms, "docker.io", "x/y", &d, &rec), AM_EUNAVAILABLE);
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(c.calls, 0); /* a refused put never calls back */
+    assert_int_equal(f->closed, 1);
+    finish(f);
+}
+
+/* ---- argument bounds ---- */
+
+static void rejects_arguments_out_of_bounds_without_calling_back(void **state)
+{
+    struct fixture *f = *state;
+    struct am_tag_rec t = tag_rec(1, 1), bad, out;
+    struct am_digest d, bad_d;
+    struct call c = {.f = f};
+    char long_tag[AM_TAG_MAX + 2], long_mt[AM_MEDIATYPE_MAX + 2];
+    memset(long_tag, 'a', sizeof long_tag - 1);
+    long_tag[sizeof long_tag - 1] = '\0';
+    memset(long_mt, 'm', sizeof long_mt - 1);
+    long_mt[sizeof long_mt - 1] = '\0';
+    digest_of_int(1, &d);
+    open_store(f, 0);
+
+    assert_int_equal(am_metastore_put_tag(f->ms, "docker.io", "", "z", &t, on_put, &c), AM_EINVAL);
+    assert_int_equal(am_metastore_put_tag(f->ms, "docker.io", "a b", "z", &t, on_put, &c),
+                     AM_EINVAL);
+    assert_int_equal(am_metastore_put_tag(f->ms, NULL, "a", "z", &t, on_put, &c), AM_EINVAL);
+    assert_int_equal(am_metastore_put_tag(f->ms, "docker.io", "a", long_tag, &t, on_put, &c),
+                     AM_EINVAL);
+    long_tag[AM_TAG_MAX] = '\0'; /* exactly AM_TAG_MAX is fine */
+    assert_int_equal(am_metastore_put_tag(f->ms, "docker.io", "a", long_tag, &t, on_put, &c), 0);
+    bad = t;
+    bad.digest.str[5] = 'X'; /* not a canonical digest */
+    assert_int_equal(am_metastore_put_tag(f->ms, "docker.io", "a", "z", &bad, on_put, &c),
+                     AM_EINVAL);
+    bad = t;
+    memset(bad.media_type, 'm', sizeof bad.media_type); /* no NUL */
+    assert_int_equal(am_metastore_put_tag(f->ms, "docker.io", "a", "z", &bad, on_put, &c),
+                     AM_EINVAL);
+
+    assert_int_equal(
+        am_metastore_put_manifest(f->ms, "docker.io", "a", &d, long_mt, "x", 1, on_put, &c),
+        AM_EINVAL);
+    bad_d = d;
+    bad_d.alg = AM_DIGEST_SHA512; /* text says sha256 */
+    assert_int_equal(
+        am_metastore_put_manifest(f->ms, "docker.io", "a", &bad_d, "", "x", 1, on_put, &c),
+        AM_EINVAL);
+    assert_int_equal(
+        am_metastore_put_manifest(f->ms, "docker.io", "a", &d, "", NULL, 1, on_put, &c), AM_EINVAL);
+    /* The size check comes before any byte is read, so a short buffer is safe here. */
+    assert_int_equal(am_metastore_put_manifest(f->ms, "docker.io", "a", &d, "", "x",
+                                               AM_METASTORE_MANIFEST_MAX + 1, on_put, &c),
+                     AM_ETOO_LARGE);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "a", "", &out), AM_EINVAL);
+
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(c.calls, 1); /* only the one accepted put */
+    assert_int_equal(c.status, 0);
+    finish(f);
+}
+
+/* ---- full and read-only stores ---- */
+
+#define TINY_MAP ((uint64_t)64 << 10)
+#define BIG_LEN  ((size_t)100 << 10)
+
+static void reports_a_full_map_and_stays_usable(void **state)
+{
+    struct fixture *f = *state;
+    struct am_tag_rec t1 = tag_rec(1, 1), t2 = tag_rec(2, 2), out;
+    struct am_digest d;
+    struct am_manifest_rec rec;
+    char *big = malloc(BIG_LEN);
+    assert_non_null(big);
+    memset(big, '{', BIG_LEN);
+    am_digest_of(AM_DIGEST_SHA256, big, BIG_LEN, &d);
+    open_store(f, TINY_MAP);
+
+    assert_int_equal(put_tag_now(f, "docker.io", "library/f", "one", &t1), 0);
+    assert_int_equal(
+        put_manifest_now(f, "docker.io", "library/f", &d, AM_MT_OCI_MANIFEST_S, big, BIG_LEN),
+        AM_ESTORE_FULL);
+    struct am_metastore_stats st;
+    am_metastore_get_stats(f->ms, &st);
+    assert_int_equal(st.failed, 1);
+
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/f", "one", &out), 0);
+    assert_tag_equal(&out, &t1);
+    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/f", &d, &rec),
+                     AM_ENOT_FOUND);
+    assert_int_equal(put_tag_now(f, "docker.io", "library/f", "two", &t2), 0);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/f", "two", &out), 0);
+    assert_tag_equal(&out, &t2);
+    free(big);
+    finish(f);
+}
+
+static void applies_nothing_of_a_batch_that_fails(void **state)
+{
+    struct fixture *f = *state;
+    struct am_tag_rec t = tag_rec(1, 1), out;
+    struct am_digest d;
+    struct call first = {.f = f}, small = {.f = f}, large = {.f = f};
+    char *big = malloc(BIG_LEN);
+    assert_non_null(big);
+    memset(big, '[', BIG_LEN);
+    am_digest_of(AM_DIGEST_SHA256, big, BIG_LEN, &d);
+    open_store(f, TINY_MAP);
+
+    /* first runs alone; small and large share the second batch. */
+    assert_int_equal(
+        am_metastore_put_tag(f->ms, "docker.io", "library/g", "first", &t, on_put, &first), 0);
+    assert_int_equal(
+        am_metastore_put_tag(f->ms, "docker.io", "library/g", "small", &t, on_put, &small), 0);
+    assert_int_equal(am_metastore_put_manifest(f->ms, "docker.io", "library/g", &d,
+                                               AM_MT_OCI_MANIFEST_S, big, BIG_LEN, on_put, &large),
+                     0);
+    free(big); /* the put copied it */
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(first.status, 0);
+    assert_int_equal(small.calls, 1);
+    assert_int_equal(small.status, AM_ESTORE_FULL);
+    assert_int_equal(large.calls, 1);
+    assert_int_equal(large.status, AM_ESTORE_FULL);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/g", "first", &out), 0);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/g", "small", &out),
+                     AM_ENOT_FOUND);
+    finish(f);
+}
+
+static void refuses_a_read_only_data_directory(void **state)
+{
+    struct fixture *f = *state;
+    char msg[256] = "";
+    /* root ignores directory permissions, so chmod cannot make a directory read-only for
+     * it; refuses_a_directory_not_even_root_can_write covers that case instead. */
+    if (geteuid() == 0) {
+        assert_int_equal(uv_loop_close(&f->loop), 0);
+        skip();
+    }
+    assert_int_equal(chmod(f->dir, 0500), 0);
+    assert_int_equal(am_metastore_open(&f->loop, f->dir, 0, &f->ms, msg, sizeof msg),
+                     AM_ESTORE_READONLY);
+    assert_null(f->ms);
+    assert_non_null(strstr(msg, f->dir));
+    finish(f);
+}
+
+static void refuses_a_directory_not_even_root_can_write(void **state)
+{
+    struct fixture *f = *state;
+    char msg[256] = "";
+    struct stat st;
+    /* sysfs refuses new files and directories to everyone, root included. */
+    if (stat("/sys/kernel", &st) != 0 || !S_ISDIR(st.st_mode)) {
+        assert_int_equal(uv_loop_close(&f->loop), 0);
+        skip();
+    }
+    assert_int_equal(am_metastore_open(&f->loop, "/sys/kernel", 0, &f->ms, msg, sizeof msg),
+                     AM_ESTORE_READONLY);
+    assert_null(f->ms);
+    assert_non_null(strstr(msg, "/sys/kernel/meta.lmdb"));
+    msg[0] = '\0';
+    assert_int_equal(
+        am_metastore_open(&f->loop, "/sys/archmirror-test/data", 0, &f->ms, msg, sizeof msg),
+        AM_ESTORE_READONLY);
+    assert_non_null(strstr(msg, "cannot create"));
+    finish(f);
+}
+
+static void refuses_a_file_where_the_data_directory_should_be(void **state)
+{
+    struct fixture *f = *state;
+    char file[4200], sub[4300], msg[256] = "";
+    snprintf(file, sizeof file, "%s/plain", f->dir);
+    FILE *fp = fopen(file, "w");
+    assert_non_null(fp);
+    fclose(fp);
+    snprintf(sub, sizeof sub, "%s/below", file);
+
+    assert_int_equal(am_metastore_open(&f->loop, file, 0, &f->ms, msg, sizeof msg), AM_ESTORE);
+    assert_non_null(strstr(msg, file));
+    assert_null(f->ms);
+    assert_int_equal(am_metastore_open(&f->loop, sub, 0, &f->ms, NULL, 0), AM_ESTORE);
+    finish(f);
+}
+
+static void creates_missing_parent_directories(void **state)
+{
+    struct fixture *f = *state;
+    char orig[sizeof f->dir];
+    struct stat st;
+    memcpy(orig, f->dir, sizeof orig);
+    int n = snprintf(f->dir, sizeof f->dir, "%.4000s/a/b/c/", orig);
+    assert_true(n > 0 && (size_t)n < sizeof f->dir);
+    open_store(f, 0);
+    finish(f);
+    char file[4200];
+    snprintf(file, sizeof file, "%s/a/b/c/meta.lmdb", orig);
+    assert_int_equal(stat(file, &st), 0);
+    assert_true(S_ISREG(st.st_mode));
+    memcpy(f->dir, orig, sizeof orig);
+}
+
+/* ---- corruption ---- */
+
+/* Writes key → value into the named DB with the LMDB API; the store must be closed. */
+static void raw_put(const char *dir, const char *db, const void *key, size_t klen, const void *val,
+                    size_t vlen)
+{
+    char path[4200];
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    snprintf(path, sizeof path, "%s/meta.lmdb", dir);
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 3), 0);
+    assert_int_equal(mdb_env_open(env, path, MDB_NOSUBDIR, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, db, 0, &dbi), 0);
+    MDB_val k = {.mv_size = klen, .mv_data = (void *)key};
+    MDB_val v = {.mv_size = vlen, .mv_data = (void *)val};
+    assert_int_equal(mdb_put(txn, dbi, &k, &v, 0), 0);
+    assert_int_equal(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+}
+
+/* The value layout of src/metastore.c. */
+static size_t encode(unsigned char *p, unsigned kind, const char *mt, const char *dg,
+                     uint64_t time_ms, uint64_t size, const char *body, size_t body_len)
+{
+    size_t ml = strlen(mt), dl = dg ? strlen(dg) : 0;
+    memset(p, 0, 24);
+    p[0] = 1;
+    p[2] = (unsigned char)kind;
+    p[3] = (unsigned char)ml;
+    p[4] = (unsigned char)dl;
+    for (int i = 0; i < 8; i++) {
+        p[8 + i] = (unsigned char)(time_ms >> (8 * i));
+        p[16 + i] = (unsigned char)(size >> (8 * i));
+    }
+    memcpy(p + 24, mt, ml);
+    if (dl) memcpy(p + 24 + ml, dg, dl);
+    if (body_len) memcpy(p + 24 + ml + dl, body, body_len);
+    return 24 + ml + dl + body_len;
+}
+
+static const char tag_key[] = "docker.io\0library/z\0latest";
+
+static int get_tag_after_raw_put(struct fixture *f, const void *val, size_t vlen,
+                                 struct am_tag_rec *out)
+{
+    raw_put(f->dir, "tags", tag_key, sizeof tag_key - 1, val, vlen);
+    open_store(f, 0);
+    int rc = am_metastore_get_tag(f->ms, "docker.io", "library/z", "latest", out);
+    close_store(f);
+    return rc;
+}
+
+static void detects_corrupt_tag_records(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest d;
+    struct am_tag_rec out;
+    unsigned char v[512];
+    size_t n;
+    digest_of_int(4, &d);
+    open_store(f, 0);
+    close_store(f);
+
+    /* A well-formed raw value reads back: the key and layout above are the real ones. */
+    n = encode(v, 2, AM_MT_OCI_INDEX_S, d.str, 77, 88, NULL, 0);
+    assert_int_equal(get_tag_after_raw_put(f, v, n, &out), 0);
+    assert_string_equal(out.digest.str, d.str);
+    assert_int_equal(out.fetched_at_ms, 77);
+    assert_int_equal(out.size, 88);
+
+    assert_int_equal(get_tag_after_raw_put(f, v, 3, &out), AM_ESTORE);     /* short header */
+    assert_int_equal(get_tag_after_raw_put(f, v, n - 1, &out), AM_ESTORE); /* truncated */
+    v[n] = 'x';
+    assert_int_equal(get_tag_after_raw_put(f, v, n + 1, &out), AM_ESTORE); /* trailing */
+
+    n = encode(v, 2, AM_MT_OCI_INDEX_S, d.str, 77, 88, NULL, 0);
+    v[0] = 2; /* format version from the future */
+    assert_int_equal(get_tag_after_raw_put(f, v, n, &out), AM_ESTORE);
+    n = encode(v, 1, AM_MT_OCI_INDEX_S, d.str, 77, 88, NULL, 0); /* manifest kind */
+    assert_int_equal(get_tag_after_raw_put(f, v, n, &out), AM_ESTORE);
+    n = encode(v, 2, AM_MT_OCI_INDEX_S, d.str, 77, 88, NULL, 0);
+    v[6] = 1; /* reserved byte */
+    assert_int_equal(get_tag_after_raw_put(f, v, n, &out), AM_ESTORE);
+    n = encode(v, 2, AM_MT_OCI_INDEX_S, d.str, 77, 88, NULL, 0);
+    v[3] = 255; /* media type longer than the value */
+    assert_int_equal(get_tag_after_raw_put(f, v, n, &out), AM_ESTORE);
+    n = encode(v, 2, AM_MT_OCI_INDEX_S, d.str, 77, 88, NULL, 0);
+    v[24 + 3] = '\0'; /* NUL inside the media type */
+    assert_int_equal(get_tag_after_raw_put(f, v, n, &out), AM_ESTORE);
+    n = encode(v, 2, AM_MT_OCI_INDEX_S, "sha256:XYZ", 77, 88, NULL, 0);
+    assert_int_equal(get_tag_after_raw_put(f, v, n, &out), AM_ESTORE);
+    n = encode(v, 2, AM_MT_OCI_INDEX_S, NULL, 77, 88, NULL, 0); /* no digest */
+    assert_int_equal(get_tag_after_raw_put(f, v, n, &out), AM_ESTORE);
+    assert_int_equal(get_tag_after_raw_put(f, "", 0, &out), AM_ESTORE); /* empty value */
+    finish(f);
+}
+
+static void detects_corrupt_manifest_records(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest d;
+    struct am_manifest_rec rec;
+    unsigned char v[512], key[256];
+    size_t n, kl;
+    digest_of_int(5, &d);
+    kl = (size_t)snprintf((char *)key, sizeof key, "docker.io%clibrary/m%c%s", 0, 0, d.str);
+    open_store(f, 0);
+    close_store(f);
+
+    n = encode(v, 1, AM_MT_OCI_MANIFEST_S, NULL, 5, 4, "abcd", 4);
+    raw_put(f->dir, "manifests", key, kl, v, n);
+    open_store(f, 0);
+    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/m", &d, &rec), 0);
+    assert_int_equal(rec.len, 4);
+    assert_memory_equal(rec.bytes, "abcd", 4);
+    assert_int_equal(rec.stored_at_ms, 5);
+    am_manifest_rec_cleanup(&rec);
+    close_store(f);
+
+    /* The size field announces more bytes than there are, then fewer. */
+    const uint64_t sizes[] = {5, 3, UINT64_MAX};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        n = encode(v, 1, AM_MT_OCI_MANIFEST_S, NULL, 5, sizes[i], "abcd", 4);
+        raw_put(f->dir, "manifests", key, kl, v, n);
+        open_store(f, 0);
+        assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/m", &d, &rec),
+                         AM_ESTORE);
+        assert_null(rec.bytes);
+        close_store(f);
+    }
+    /* A manifest must not carry a digest field. */
+    n = encode(v, 1, AM_MT_OCI_MANIFEST_S, d.str, 5, 4, "abcd", 4);
+    raw_put(f->dir, "manifests", key, kl, v, n);
+    open_store(f, 0);
+    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/m", &d, &rec),
+                     AM_ESTORE);
+    finish(f);
+}
+
+static void refuses_a_newer_schema_version(void **state)
+{
+    struct fixture *f = *state;
+    char msg[256] = "";
+    open_store(f, 0);
+    close_store(f);
+
+    raw_put(f->dir, "meta", "schema", 6, "\x02\0\0\0", 4);
+    assert_int_equal(am_metastore_open(&f->loop, f->dir, 0, &f->ms, msg, sizeof msg), AM_ESTORE);
+    assert_null(f->ms);
+    assert_non_null(strstr(msg, "schema version 2"));
+
+    raw_put(f->dir, "meta", "schema", 6, "\x01\0", 2);
+    assert_int_equal(am_metastore_open(&f->loop, f->dir, 0, &f->ms, msg, sizeof msg), AM_ESTORE);
+    assert_non_null(strstr(msg, "corrupt schema"));
+
+    raw_put(f->dir, "meta", "schema", 6, "\x01\0\0\0", 4);
+    open_store(f, 0); /* the current version opens again */
+    finish(f);
+}
+
+static void refuses_a_file_that_is_not_an_lmdb_store(void **state)
+{
+    struct fixture *f = *state;
+    char path[4200], msg[256] = "";
+    snprintf(path, sizeof path, "%s/meta.lmdb", f->dir);
+    FILE *fp = fopen(path, "w");
+    assert_non_null(fp);
+    for (int i = 0; i < 3000; i++) fputs("not lmdb ", fp);
+    fclose(fp);
+    assert_int_equal(am_metastore_open(&f->loop, f->dir, 0, &f->ms, msg, sizeof msg), AM_ESTORE);
+    assert_null(f->ms);
+    assert_non_null(strstr(msg, "meta.lmdb"));
+    finish(f);
+}
+
+/* ---- time ---- */
+
+static void treats_a_tag_as_fresh_strictly_inside_the_window(void **state)
+{
+    (void)state;
+    struct am_tag_rec r = tag_rec(1, 1000);
+    assert_true(am_metastore_tag_is_fresh(&r, 1000, 30));  /* just fetched */
+    assert_true(am_metastore_tag_is_fresh(&r, 1029, 30));  /* last fresh ms */
+    assert_false(am_metastore_tag_is_fresh(&r, 1030, 30)); /* window reached */
+    assert_false(am_metastore_tag_is_fresh(&r, UINT64_MAX, 30));
+    assert_false(am_metastore_tag_is_fresh(&r, 1000, 0)); /* no window: never fresh */
+    assert_true(am_metastore_tag_is_fresh(&r, UINT64_MAX, UINT64_MAX));
+    r.fetched_at_ms = 0;
+    assert_true(am_metastore_tag_is_fresh(&r, UINT64_MAX - 1, UINT64_MAX));
+    assert_false(am_metastore_tag_is_fresh(&r, UINT64_MAX, UINT64_MAX));
+}
+
+static void treats_a_tag_fetched_in_the_future_as_stale(void **state)
+{
+    (void)state;
+    struct am_tag_rec r = tag_rec(1, 1000);
+    /* The wall clock stepped back: revalidate rather than trust for an unknown time. */
+    assert_false(am_metastore_tag_is_fresh(&r, 999, 30));
+    assert_false(am_metastore_tag_is_fresh(&r, 0, UINT64_MAX));
+    r.fetched_at_ms = UINT64_MAX;
+    assert_false(am_metastore_tag_is_fresh(&r, 0, 30));
+}
+
+static void reads_now_from_the_wall_clock_in_milliseconds(void **state)
+{
+    (void)state;
+    struct timespec a, b;
+    clock_gettime(CLOCK_REALTIME, &a);
+    uint64_t now = am_metastore_now_ms();
+    clock_gettime(CLOCK_REALTIME, &b);
+    uint64_t lo = (uint64_t)a.tv_sec * 1000u + (uint64_t)a.tv_nsec / 1000000u;
+    uint64_t hi = (uint64_t)b.tv_sec * 1000u + (uint64_t)b.tv_nsec / 1000000u;
+    assert_true(lo <= now && now <= hi);
+}
+
+int main(void)
+{
+    /* Failure paths log at WARN by design; keep test output to the cmocka report. */
+    am_log_set_level(AM_LOG_ERROR);
+    const struct CMUnitTest tests[] = {
+#define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
+        T(stores_and_reads_back_a_manifest),
+        T(stores_and_reads_back_a_tag),
+        T(stores_an_empty_manifest_media_type_and_sha512_digest),
+        T(reports_missing_records_as_not_found),
+        T(keeps_upstreams_and_repositories_apart),
+        T(does_not_confuse_components_that_concatenate_alike),
+        T(stores_keys_longer_than_lmdb_allows),
+        T(overwrites_a_tag),
+        T(batches_puts_made_before_the_loop_runs),
+        T(commits_puts_made_from_a_callback_in_a_later_batch),
+        T(commits_queued_puts_before_close_completes_and_reopens_with_them),
+        T(calls_close_done_from_the_loop_even_when_idle),
+        T(closes_without_a_done_callback),
+        T(opens_uses_and_closes_within_one_loop_run),
+        T(refuses_puts_and_reads_once_close_has_begun),
+        T(rejects_arguments_out_of_bounds_without_calling_back),
+        T(reports_a_full_map_and_stays_usable),
+        T(applies_nothing_of_a_batch_that_fails),
+        T(refuses_a_read_only_data_directory),
+        T(refuses_a_directory_not_even_root_can_write),
+        T(refuses_a_file_where_the_data_directory_should_be),
+        T(creates_missing_parent_directories),
+        T(detects_corrupt_tag_records),
+        T(detects_corrupt_manifest_records),
+        T(refuses_a_newer_schema_version),
+        T(refuses_a_file_that_is_not_an_lmdb_store),
+        cmocka_unit_test(treats_a_tag_as_fresh_strictly_inside_the_window),
+        cmocka_unit_test(treats_a_tag_fetched_in_the_future_as_stale),
+        cmocka_unit_test(reads_now_from_the_wall_clock_in_milliseconds),
+#undef T
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
