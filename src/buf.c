@@ -38,7 +38,8 @@ static int reserve(struct am_buf *b, size_t n)
     if (need <= b->cap) return 0;
     size_t cap = b->cap ? b->cap : 256;
     while (cap < need) cap = cap > SIZE_MAX / 2 ? need : cap * 2;
-    if (cap > b->max + 1) cap = b->max + 1;
+    size_t limit = b->max == SIZE_MAX ? SIZE_MAX : b->max + 1;
+    if (cap > limit) cap = limit;
     char *p = realloc(b->data, cap);
     if (!p) return AM_ENOMEM;
     b->data = p;
@@ -90,6 +91,9 @@ int am_buf_append_json_escaped(struct am_buf *b, const char *s, size_t n)
         if (c == '"' || c == '\\') {
             char esc[2] = {'\\', (char)c};
             rc = am_buf_append(b, esc, 2);
+        } else if (c >= 0x80) {
+            /* Messages are ASCII by design; a stray byte must not make the JSON invalid. */
+            rc = am_buf_append(b, "?", 1);
         } else if (c < 0x20) {
             char esc[8];
             snprintf(esc, sizeof esc, "\\u%04x", c);

@@ -65,9 +65,9 @@ const char *am_error_message(int err);  /* "out of memory" */
 int am_error_http_status(int err);      /* 500 */
 const char *am_error_oci_code(int err); /* "UNKNOWN" */
 
-/* Appends the OCI error body {"errors":[{"code":…,"message":…,"detail":…}]} to out.
- * message: borrowed, may be NULL (the table's message is used); detail: borrowed JSON
- * object text or NULL. Strings are JSON-escaped. Returns 0 or AM_ENOMEM/AM_ETOO_LARGE. */
+/* Appends the OCI error body {"errors":[{"code":…,"message":…}]} to out.
+ * message: borrowed, may be NULL (the table's message is used); it is JSON-escaped and
+ * non-ASCII bytes become '?'. Returns 0 or AM_ENOMEM/AM_ETOO_LARGE. */
 int am_error_format_json(int err, const char *message, struct am_buf *out);
 
 /* Converts a libuv error (negative errno) into the closest AM_E* code. */
