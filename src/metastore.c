@@ -107,6 +107,7 @@ struct am_metastore {
     MDB_dbi dbi_tags;
     MDB_dbi dbi_meta;
     MDB_txn *rtxn;          /* owned; the reset read txn reused by every get, or NULL */
+    bool rtxn_live;         /* rtxn holds a snapshot until read_end */
     char *path;             /* owned; <dir>/meta.lmdb, for log lines */
     struct op_list pending; /* loop thread only */
     struct op_list batch;   /* the worker's while `running`; then the loop's */
@@ -415,11 +416,35 @@ fail:
 
 /* ---- reads ---- */
 
-/* Gets key from dbi into a fresh view; the caller must call read_end afterwards, and
- * must not use the view after it. Returns 0, AM_ENOT_FOUND or AM_ESTORE/AM_ENOMEM. */
+/* The newest queued (not yet committed) write of key k to dbi, or NULL. A client that
+ * was just answered from an upstream fetch asks again at once (containerd's HEAD, then
+ * GET by digest): it must see what that fetch stored, not wait for the commit. The
+ * worker only reads the batch's ops, and only the loop frees them, so scanning both
+ * lists here is safe. */
+static const struct op *find_queued(const struct am_metastore *ms, MDB_dbi dbi,
+                                    const struct key *k)
+{
+    const struct op *found = NULL;
+    const struct op *lists[2] = {ms->batch.head, ms->pending.head};
+    for (int i = 0; i < 2; i++)
+        for (const struct op *o = lists[i]; o; o = o->next)
+            if (o->dbi == dbi && o->klen == k->len && memcmp(o->data, k->buf, k->len) == 0)
+                found = o;
+    return found;
+}
+
+/* Gets key from dbi into a fresh view (a queued write, or an LMDB snapshot); the caller
+ * must call read_end afterwards, and must not use the view after it. Returns 0,
+ * AM_ENOT_FOUND or AM_ESTORE/AM_ENOMEM. */
 static int read_begin(struct am_metastore *ms, MDB_dbi dbi, const struct key *k, MDB_val *v)
 {
     int rc;
+    const struct op *q = find_queued(ms, dbi, k);
+    if (q) {
+        v->mv_size = q->vlen;
+        v->mv_data = (void *)(q->data + q->klen);
+        return 0;
+    }
     if (ms->rtxn) {
         rc = mdb_txn_renew(ms->rtxn);
         if (rc) {
@@ -434,7 +459,10 @@ static int read_begin(struct am_metastore *ms, MDB_dbi dbi, const struct key *k,
     }
     MDB_val kv = {.mv_size = k->len, .mv_data = (void *)k->buf};
     rc = mdb_get(ms->rtxn, dbi, &kv, v);
-    if (rc == 0) return 0;
+    if (rc == 0) {
+        ms->rtxn_live = true;
+        return 0;
+    }
     mdb_txn_reset(ms->rtxn);
     if (rc == MDB_NOTFOUND) return AM_ENOT_FOUND;
     AM_WARN("metastore: %s: read: %s", ms->path, mdb_strerror(rc));
@@ -444,6 +472,8 @@ static int read_begin(struct am_metastore *ms, MDB_dbi dbi, const struct key *k,
 /* Releases the snapshot; the handle is kept for the next read. */
 static void read_end(struct am_metastore *ms)
 {
+    if (!ms->rtxn_live) return;
+    ms->rtxn_live = false;
     mdb_txn_reset(ms->rtxn);
 }
 

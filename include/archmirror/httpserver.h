@@ -8,6 +8,8 @@
  * owns every exchange; a handler borrows it from the handler call until it finishes the
  * response (am_http_respond / am_http_end / am_http_abort) or until on_gone returns.
  * This module knows nothing about registries and must never block the loop.
+ *
+ * The process must ignore SIGPIPE (main.c does): libuv writes with write(2).
  */
 #ifndef ARCHMIRROR_HTTPSERVER_H
 #define ARCHMIRROR_HTTPSERVER_H
@@ -40,11 +42,14 @@ struct am_http_request {
  * discarded) was read. */
 typedef void (*am_http_handler_fn)(void *ctx, struct am_http_exchange *ex);
 
+/* 0 means: no limit (max_connections), no timeout (header/idle), close at once on drain
+ * (drain_timeout_ms), or the default 16 KiB / 64 (max_header_bytes / max_headers). */
 struct am_httpserver_opts {
     uint64_t max_connections;   /* beyond it, new connections get 503 and close */
     uint64_t max_header_bytes;  /* request line + headers; beyond → 431 and close */
     uint64_t max_headers;       /* count; beyond → 431 and close */
-    uint64_t header_timeout_ms; /* a started head must complete in this time → 408 */
+    uint64_t header_timeout_ms; /* a started head must complete in this time → 408;
+                                 * also the longest pause inside a request body */
     uint64_t idle_timeout_ms;   /* keep-alive connection with no request → closed */
     uint64_t drain_timeout_ms;  /* on drain, in-flight exchanges get this long */
 };
@@ -60,8 +65,11 @@ int am_httpserver_listen(struct am_httpserver *srv, const char *hostport, char *
 /* The port actually bound by the i-th successful listen (for port 0). */
 int am_httpserver_port(const struct am_httpserver *srv, size_t i);
 /* Stops accepting, closes idle connections, lets active exchanges finish for
- * drain_timeout_ms, then closes the rest; done(arg) runs when no handle is left. */
+ * drain_timeout_ms, then closes the rest; done(arg) runs when no handle is left (always
+ * from a callback, never inside this call). done may be NULL. A second call is ignored. */
 void am_httpserver_drain(struct am_httpserver *srv, void (*done)(void *arg), void *arg);
+/* Call after drain's done ran (or the loop ran dry after a drain), or when no listen
+ * ever succeeded. Accepts NULL. */
 void am_httpserver_free(struct am_httpserver *srv);
 
 /* --- exchange API (all take a borrowed live exchange) --- */
@@ -72,13 +80,18 @@ uv_loop_t *am_http_loop(const struct am_http_exchange *ex);
 const char *am_http_req_header(const struct am_http_exchange *ex, const char *name, size_t *len);
 
 /* on_drain: the response's queued bytes fell to zero after writes (use it to resume a
- * paused producer). on_gone: the client went away (or the server force-closed) before
- * the handler finished; ex is invalid after on_gone returns and the handler must not
- * call into it again. Either may be NULL. arg is kept. */
+ * paused producer; it may also come when nothing was paused). on_gone: the client went
+ * away (or the server force-closed) before the handler finished; ex is invalid after
+ * on_gone returns and the handler must not call into it again. Either may be NULL. arg
+ * is kept. */
 void am_http_set_callbacks(struct am_http_exchange *ex, void (*on_drain)(void *arg),
                            void (*on_gone)(void *arg), void *arg);
 
-/* A complete response with a body copied from body[0..len). reason NULL → standard.
+/* Ending calls on an exchange whose connection is already gone (client reset, write
+ * error) return AM_ECANCELED and still end it; am_http_write then returns AM_ECANCELED
+ * and on_gone follows unless the handler ends the exchange first.
+ *
+ * A complete response with a body copied from body[0..len). reason NULL → standard.
  * Adds Date, Content-Length and Connection as needed; for HEAD the body is not sent but
  * Content-Length still says len. hdrs are copied. Ends the exchange. Returns 0 or an
  * error (the exchange has ended either way). */

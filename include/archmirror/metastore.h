@@ -82,8 +82,9 @@ bool am_metastore_tag_is_fresh(const struct am_tag_rec *rec, uint64_t now_ms, ui
  * later on the loop with the commit's status: 0, AM_ESTORE_FULL, AM_ESTORE_READONLY,
  * AM_ENOMEM or AM_ESTORE. Puts are committed in the order they were made; all puts of
  * one batch share one transaction and one status (a failed batch applies none of them).
- * A failed batch is logged once at WARN. A read issued after the callback sees the write;
- * a read before it may not. */
+ * A failed batch is logged once at WARN. Reads see a put as soon as it returned 0 (the
+ * queued value is read until it is committed); if its batch then fails, later reads no
+ * longer see it. */
 #define AM_METASTORE_MANIFEST_MAX ((size_t)64 << 20)
 typedef void (*am_metastore_cb)(void *arg, int status);
 int am_metastore_put_manifest(struct am_metastore *ms, const char *upstream, const char *repo,

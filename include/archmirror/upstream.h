@@ -26,6 +26,12 @@
 struct am_upstream;
 struct am_upstream_req;
 
+/* Limits of the client, in one place. */
+#define AM_UPSTREAM_MAX_HEAD_BYTES 65536 /* response status line + headers */
+#define AM_UPSTREAM_MAX_HEADERS 100      /* response header fields */
+#define AM_UPSTREAM_POOL_IDLE_MS 30000   /* an idle pooled connection is closed after this */
+#define AM_UPSTREAM_MAX_TOKEN_BODY 65536 /* token endpoint response body */
+
 struct am_upstream_opts {
     uint64_t connect_timeout_ms;
     uint64_t header_timeout_ms;
@@ -85,11 +91,16 @@ void am_upstream_req_resume(struct am_upstream_req *req);
 /* No callback runs after this returns; the connection is discarded, not pooled. */
 void am_upstream_req_cancel(struct am_upstream_req *req);
 
+/* During on_done with an error: one line saying what failed ("cannot connect to
+ * 127.0.0.1:5000: connection refused", "certificate verify failed: …"), "" otherwise.
+ * Returns a view valid until on_done returns; it never contains credentials or tokens. */
+const char *am_upstream_req_message(const struct am_upstream_req *req);
+
 /* Counters for tests and logs. */
 struct am_upstream_stats {
-    uint64_t requests;       /* requests sent on the wire, retries included */
+    uint64_t requests;       /* requests sent on the wire, retries and token requests included */
     uint64_t token_fetches;  /* token endpoint requests */
-    uint64_t connections;    /* connections opened */
+    uint64_t connections;    /* connections established (TCP connected) */
 };
 void am_upstream_get_stats(const struct am_upstream *up, struct am_upstream_stats *out);
 

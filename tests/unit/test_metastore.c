@@ -231,6 +231,41 @@ static void stores_and_reads_back_a_tag(void **state)
     finish(f);
 }
 
+static void reads_its_own_writes_before_they_are_committed(void **state)
+{
+    struct fixture *f = *state;
+    struct am_tag_rec first = tag_rec(1, 1700000000001u), second = tag_rec(2, 1700000000002u);
+    struct am_tag_rec out;
+    const char body[] = "{\"schemaVersion\":2}";
+    struct am_digest d;
+    struct am_manifest_rec rec;
+    struct call c1 = {.f = f}, c2 = {.f = f}, c3 = {.f = f};
+    am_digest_of(AM_DIGEST_SHA256, body, sizeof body - 1, &d);
+    open_store(f, 0);
+
+    /* Nothing has been committed yet: the loop has not run. */
+    assert_int_equal(am_metastore_put_tag(f->ms, "docker.io", "library/x", "1", &first, on_put, &c1), 0);
+    assert_int_equal(am_metastore_put_tag(f->ms, "docker.io", "library/x", "1", &second, on_put, &c2), 0);
+    assert_int_equal(am_metastore_put_manifest(f->ms, "docker.io", "library/x", &d,
+                                               AM_MT_OCI_MANIFEST_S, body, sizeof body - 1,
+                                               on_put, &c3),
+                     0);
+    assert_int_equal(c1.calls + c2.calls + c3.calls, 0);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/x", "1", &out), 0);
+    assert_tag_equal(&out, &second); /* the newest queued write wins */
+    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/x", &d, &rec), 0);
+    assert_memory_equal(rec.bytes, body, rec.len);
+    am_manifest_rec_cleanup(&rec);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/y", "1", &out),
+                     AM_ENOT_FOUND);
+
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(c1.calls + c2.calls + c3.calls, 3);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/x", "1", &out), 0);
+    assert_tag_equal(&out, &second);
+    finish(f);
+}
+
 static void stores_an_empty_manifest_media_type_and_sha512_digest(void **state)
 {
     struct fixture *f = *state;
@@ -1036,6 +1071,7 @@ int main(void)
 #define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
         T(stores_and_reads_back_a_manifest),
         T(stores_and_reads_back_a_tag),
+        T(reads_its_own_writes_before_they_are_committed),
         T(stores_an_empty_manifest_media_type_and_sha512_digest),
         T(reports_missing_records_as_not_found),
         T(keeps_upstreams_and_repositories_apart),

@@ -1,0 +1,35 @@
+/*
+ * registry — the pull side of the OCI distribution API, served from the caches and
+ * the upstreams.
+ *
+ * Maps each /v2 request to an upstream (by ?ns= or the default), serves manifests and
+ * indexes from the metastore (by digest: immutable; by tag: inside the freshness window
+ * with no upstream contact, after it revalidated by one upstream HEAD, served stale when
+ * the upstream fails), and streams blobs through with their digest checked on the way.
+ * It must never serve a byte that did not match its digest, never cache what failed
+ * verification, never convert a manifest, and never proxy to a host that is not a
+ * configured upstream.
+ */
+#ifndef ARCHMIRROR_REGISTRY_H
+#define ARCHMIRROR_REGISTRY_H
+
+#include <uv.h>
+
+#include "archmirror/config.h"
+#include "archmirror/httpserver.h"
+#include "archmirror/metastore.h"
+
+struct am_registry;
+
+/* cfg and ms are borrowed and must outlive the registry. Creates one upstream client per
+ * configured upstream. Returns 0 with *out owned (am_registry_free), or an error with
+ * msg filled. */
+int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_metastore *ms,
+                    struct am_registry **out, char *msg, size_t msglen);
+/* The am_http_handler_fn for the server; ctx is the registry. */
+void am_registry_handle(void *ctx, struct am_http_exchange *ex);
+/* Frees the registry; upstream connections close asynchronously on the loop. Call only
+ * once the server has drained (no exchange is in flight). */
+void am_registry_free(struct am_registry *reg);
+
+#endif

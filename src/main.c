@@ -1,0 +1,362 @@
+/*
+ * main — the archmirror command: flags, config, start-up and graceful shutdown.
+ *
+ * Order of precedence: embedded defaults, then --config FILE, then the flags. Exit codes:
+ * 0 after a clean shutdown (SIGTERM/SIGINT drain), 2 for bad flags or config (one line
+ * per problem), 1 when start-up fails (port in use, data dir unusable).
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <uv.h>
+
+#include "archmirror/config.h"
+#include "archmirror/error.h"
+#include "archmirror/httpserver.h"
+#include "archmirror/log.h"
+#include "archmirror/metastore.h"
+#include "archmirror/registry.h"
+
+#define EXIT_USAGE 2
+#define MAX_OVERRIDES 64
+
+static const char usage[] =
+    "usage: archmirror [options]\n"
+    "\n"
+    "A caching, architecture-aware mirror for container registries (OCI distribution\n"
+    "pull API), meant to sit between every node's containerd and the upstream registries.\n"
+    "\n"
+    "  --config FILE           JSON config (see conf/archmirror.json); flags override it\n"
+    "  --listen HOST:PORT      address to serve on (repeatable; default 127.0.0.1:5000)\n"
+    "  --data-dir DIR          cache directory (default ./var/archmirror)\n"
+    "  --upstream NAME=URL     upstream registry NAME (as clients name it, e.g. docker.io)\n"
+    "                          at URL (repeatable; replaces the default list), e.g.\n"
+    "                          --upstream docker.io=http://127.0.0.1:5100\n"
+    "  --upstream-ca NAME=FILE PEM CA bundle to verify upstream NAME's TLS certificate\n"
+    "  --default-upstream NAME upstream used when a request has no ?ns= parameter\n"
+    "  --log-level LEVEL       error, warn, info (default) or debug\n"
+    "  --check-config FILE     validate FILE (with the flags given before it), print every\n"
+    "                          problem with its JSON path, and exit\n"
+    "  --print-config          print the effective configuration as JSON and exit\n"
+    "  --version               print the version and exit\n"
+    "  --help                  print this help and exit\n"
+    "\n"
+    "Exit status: 0 after a clean shutdown on SIGTERM/SIGINT, 2 for bad flags or config,\n"
+    "1 when start-up fails (for example the port is already in use).\n";
+
+struct app {
+    uv_loop_t loop;
+    struct am_config cfg;
+    struct am_metastore *ms;
+    struct am_registry *reg;
+    struct am_httpserver *srv;
+    uv_signal_t sigterm, sigint;
+    bool stopping;
+};
+
+static void print_report(const char *file, const struct am_config_report *r)
+{
+    for (size_t i = 0; i < r->n; i++)
+        fprintf(stderr, "archmirror: %s: %s: %s\n", file, r->problems[i].path,
+                r->problems[i].message);
+    if (r->total > r->n)
+        fprintf(stderr, "archmirror: %s: … and %zu more problems\n", file, r->total - r->n);
+}
+
+static int replace_str(char **slot, const char *value)
+{
+    char *dup = strdup(value);
+    if (!dup) return AM_ENOMEM;
+    free(*slot);
+    *slot = dup;
+    return 0;
+}
+
+/* mkdir -p; returns 0 or -errno. */
+static int make_dirs(const char *path)
+{
+    char tmp[4096];
+    if (snprintf(tmp, sizeof tmp, "%s", path) >= (int)sizeof tmp) return -ENAMETOOLONG;
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        if (mkdir(tmp, 0750) != 0 && errno != EEXIST) return -errno;
+        *p = '/';
+    }
+    if (mkdir(tmp, 0750) != 0 && errno != EEXIST) return -errno;
+    return 0;
+}
+
+/* --- shutdown: drain the server, then the upstreams, then the store ---------------- */
+
+static void on_signal_closed(uv_handle_t *h) { (void)h; }
+
+static void on_store_closed(void *arg)
+{
+    struct app *app = arg;
+    app->ms = NULL;
+    uv_close((uv_handle_t *)&app->sigterm, on_signal_closed);
+    uv_close((uv_handle_t *)&app->sigint, on_signal_closed);
+}
+
+static void on_server_drained(void *arg)
+{
+    struct app *app = arg;
+    AM_INFO("server drained; closing upstreams and the cache store");
+    am_registry_free(app->reg);
+    app->reg = NULL;
+    am_metastore_close(app->ms, on_store_closed, app);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    struct app *app = h->data;
+    if (app->stopping) {
+        AM_WARN("second signal %d: exiting without waiting for the drain", signum);
+        exit(1);
+    }
+    app->stopping = true;
+    AM_INFO("signal %d: draining connections", signum);
+    am_httpserver_drain(app->srv, on_server_drained, app);
+}
+
+/* --- flags ---------------------------------------------------------------------------- */
+
+enum { OPT_CONFIG = 256, OPT_LISTEN, OPT_DATA_DIR, OPT_UPSTREAM, OPT_UPSTREAM_CA,
+       OPT_DEFAULT_UPSTREAM, OPT_LOG_LEVEL, OPT_CHECK, OPT_PRINT, OPT_VERSION, OPT_HELP };
+
+static const struct option options[] = {
+    {"config", required_argument, NULL, OPT_CONFIG},
+    {"listen", required_argument, NULL, OPT_LISTEN},
+    {"data-dir", required_argument, NULL, OPT_DATA_DIR},
+    {"upstream", required_argument, NULL, OPT_UPSTREAM},
+    {"upstream-ca", required_argument, NULL, OPT_UPSTREAM_CA},
+    {"default-upstream", required_argument, NULL, OPT_DEFAULT_UPSTREAM},
+    {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
+    {"check-config", required_argument, NULL, OPT_CHECK},
+    {"print-config", no_argument, NULL, OPT_PRINT},
+    {"version", no_argument, NULL, OPT_VERSION},
+    {"help", no_argument, NULL, OPT_HELP},
+    {NULL, 0, NULL, 0},
+};
+
+struct flags {
+    const char *config;
+    const char *check;
+    bool print;
+    int n;
+    int opt[MAX_OVERRIDES];
+    const char *val[MAX_OVERRIDES];
+};
+
+static int parse_flags(int argc, char **argv, struct flags *f)
+{
+    int c;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, "", options, NULL)) != -1) {
+        switch (c) {
+        case OPT_CONFIG: f->config = optarg; break;
+        case OPT_CHECK: f->check = optarg; break;
+        case OPT_PRINT: f->print = true; break;
+        case OPT_VERSION: printf("archmirror %s\n", AM_VERSION); exit(0);
+        case OPT_HELP: fputs(usage, stdout); exit(0);
+        case '?':
+            fprintf(stderr, "archmirror: unknown or incomplete option '%s' (see --help)\n",
+                    argv[optind - 1]);
+            return AM_EINVAL;
+        default:
+            if (f->n == MAX_OVERRIDES) {
+                fprintf(stderr, "archmirror: too many options\n");
+                return AM_EINVAL;
+            }
+            f->opt[f->n] = c;
+            f->val[f->n++] = optarg;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "archmirror: unexpected argument '%s' (see --help)\n", argv[optind]);
+        return AM_EINVAL;
+    }
+    return 0;
+}
+
+static int apply_overrides(struct am_config *cfg, const struct flags *f)
+{
+    char msg[256];
+    for (int i = 0; i < f->n; i++) {
+        int rc = 0;
+        msg[0] = '\0';
+        switch (f->opt[i]) {
+        case OPT_LISTEN: rc = am_config_set_listen(cfg, f->val[i], msg, sizeof msg); break;
+        case OPT_DATA_DIR: rc = replace_str(&cfg->data_dir, f->val[i]); break;
+        case OPT_UPSTREAM: rc = am_config_set_upstream(cfg, f->val[i], msg, sizeof msg); break;
+        case OPT_UPSTREAM_CA:
+            rc = am_config_set_upstream_ca(cfg, f->val[i], msg, sizeof msg);
+            break;
+        case OPT_DEFAULT_UPSTREAM: rc = replace_str(&cfg->default_upstream, f->val[i]); break;
+        case OPT_LOG_LEVEL: {
+            enum am_log_level lvl;
+            rc = am_log_parse_level(f->val[i], &lvl);
+            if (rc) snprintf(msg, sizeof msg, "--log-level: expected error, warn, info or debug");
+            else cfg->log_level = (int)lvl;
+            break;
+        }
+        }
+        if (rc) {
+            fprintf(stderr, "archmirror: %s\n", msg[0] ? msg : am_error_message(rc));
+            return rc;
+        }
+    }
+    /* The first --upstream names the default registry unless one was given. */
+    bool default_given = false, upstream_given = false;
+    const char *first = NULL;
+    for (int i = 0; i < f->n; i++) {
+        if (f->opt[i] == OPT_DEFAULT_UPSTREAM) default_given = true;
+        if (f->opt[i] == OPT_UPSTREAM && !upstream_given) {
+            upstream_given = true;
+            first = cfg->n_upstreams ? cfg->upstreams[0].name : NULL;
+        }
+    }
+    if (upstream_given && !default_given && first &&
+        !am_config_find_upstream(cfg, cfg->default_upstream, strlen(cfg->default_upstream)))
+        return replace_str(&cfg->default_upstream, first);
+    return 0;
+}
+
+/* Loads defaults, file and flags into cfg; prints problems. Returns 0 or AM_ECONFIG. */
+static int load_config(struct am_config *cfg, const char *file, const struct flags *f)
+{
+    struct am_config_report r;
+    memset(&r, 0, sizeof r);
+    if (am_config_init_defaults(cfg)) {
+        fprintf(stderr, "archmirror: out of memory\n");
+        return AM_ENOMEM;
+    }
+    if (file && am_config_load_file(cfg, file, &r)) {
+        print_report(file, &r);
+        return AM_ECONFIG;
+    }
+    if (apply_overrides(cfg, f)) return AM_ECONFIG;
+    memset(&r, 0, sizeof r);
+    if (am_config_validate(cfg, &r)) {
+        print_report(file ? file : "(flags)", &r);
+        return AM_ECONFIG;
+    }
+    return 0;
+}
+
+static int start(struct app *app)
+{
+    char msg[512] = "";
+    struct am_config *cfg = &app->cfg;
+    int rc;
+
+    if ((rc = make_dirs(cfg->data_dir))) {
+        fprintf(stderr, "archmirror: data dir %s: %s\n", cfg->data_dir, uv_strerror(rc));
+        return rc;
+    }
+    if ((rc = am_metastore_open(&app->loop, cfg->data_dir, cfg->metastore_map_bytes, &app->ms,
+                                msg, sizeof msg))) {
+        fprintf(stderr, "archmirror: cache store: %s\n", msg[0] ? msg : am_error_message(rc));
+        return rc;
+    }
+    if ((rc = am_registry_new(&app->loop, cfg, app->ms, &app->reg, msg, sizeof msg))) {
+        fprintf(stderr, "archmirror: upstreams: %s\n", msg[0] ? msg : am_error_message(rc));
+        return rc;
+    }
+    struct am_httpserver_opts so = {
+        .max_connections = cfg->max_connections,
+        .max_header_bytes = cfg->max_header_bytes,
+        .max_headers = cfg->max_headers,
+        .header_timeout_ms = cfg->header_timeout_ms,
+        .idle_timeout_ms = cfg->idle_timeout_ms,
+        .drain_timeout_ms = cfg->drain_timeout_ms,
+    };
+    if ((rc = am_httpserver_new(&app->loop, &so, am_registry_handle, app->reg, &app->srv))) {
+        fprintf(stderr, "archmirror: server: %s\n", am_error_message(rc));
+        return rc;
+    }
+    for (size_t i = 0; i < cfg->n_listen; i++) {
+        msg[0] = '\0';
+        if ((rc = am_httpserver_listen(app->srv, cfg->listen[i], msg, sizeof msg))) {
+            fprintf(stderr, "archmirror: %s\n", msg[0] ? msg : am_error_message(rc));
+            return rc;
+        }
+        AM_INFO("listening on %s", cfg->listen[i]);
+    }
+    for (size_t i = 0; i < cfg->n_upstreams; i++)
+        AM_INFO("upstream %s → %s%s", cfg->upstreams[i].name, cfg->upstreams[i].url,
+                strcmp(cfg->upstreams[i].name, cfg->default_upstream) == 0 ? " (default)" : "");
+    AM_INFO("archmirror %s ready; data in %s", AM_VERSION, cfg->data_dir);
+    return 0;
+}
+
+/* Start-up failed: undo what was opened, letting async closes finish. */
+static void abandon(struct app *app)
+{
+    if (app->srv) {
+        am_httpserver_drain(app->srv, NULL, NULL);
+        uv_run(&app->loop, UV_RUN_DEFAULT);
+        am_httpserver_free(app->srv);
+    }
+    am_registry_free(app->reg);
+    if (app->ms) am_metastore_close(app->ms, NULL, NULL);
+    uv_close((uv_handle_t *)&app->sigterm, NULL);
+    uv_close((uv_handle_t *)&app->sigint, NULL);
+    uv_run(&app->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&app->loop);
+}
+
+int main(int argc, char **argv)
+{
+    static struct app app;
+    struct flags f;
+    memset(&f, 0, sizeof f);
+    if (parse_flags(argc, argv, &f)) return EXIT_USAGE;
+
+    if (f.check) {
+        int rc = load_config(&app.cfg, f.check, &f);
+        am_config_cleanup(&app.cfg);
+        if (rc) return EXIT_USAGE;
+        printf("%s: OK\n", f.check);
+        return 0;
+    }
+    if (load_config(&app.cfg, f.config, &f)) {
+        am_config_cleanup(&app.cfg);
+        return EXIT_USAGE;
+    }
+    if (f.print) {
+        char *json = am_config_dump(&app.cfg);
+        if (json) puts(json);
+        free(json);
+        am_config_cleanup(&app.cfg);
+        return json ? 0 : 1;
+    }
+    am_log_set_level((enum am_log_level)app.cfg.log_level);
+    signal(SIGPIPE, SIG_IGN);
+
+    uv_loop_init(&app.loop);
+    uv_signal_init(&app.loop, &app.sigterm);
+    uv_signal_init(&app.loop, &app.sigint);
+    app.sigterm.data = app.sigint.data = &app;
+    if (start(&app)) {
+        abandon(&app);
+        am_config_cleanup(&app.cfg);
+        return 1;
+    }
+    uv_signal_start(&app.sigterm, on_signal, SIGTERM);
+    uv_signal_start(&app.sigint, on_signal, SIGINT);
+
+    uv_run(&app.loop, UV_RUN_DEFAULT);
+
+    am_httpserver_free(app.srv);
+    int rc = uv_loop_close(&app.loop);
+    if (rc) AM_WARN("event loop closed with live handles: %s", uv_strerror(rc));
+    am_config_cleanup(&app.cfg);
+    AM_INFO("archmirror stopped");
+    return 0;
+}
