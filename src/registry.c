@@ -80,6 +80,9 @@ struct pull {
     bool hashing;
     bool started; /* blob response head sent */
     bool paused;
+    uint64_t received; /* blob body bytes from upstream */
+    bool holding;      /* the final byte is held back until the digest is verified */
+    char held;
 };
 
 /* --- small helpers ------------------------------------------------------------------ */
@@ -356,8 +359,16 @@ static void on_up_body(void *arg, const char *data, size_t len)
         return;
     }
     if (p->hashing) am_hasher_update(&p->hasher, data, len);
+    p->received += len;
     if (!p->ex || !p->started) return;
-    if (am_http_write(p->ex, data, len) != 0) return;
+    /* With Content-Length the last byte completes the response in the client's eyes, so
+     * it is sent only once the whole body has been verified (finish_blob). */
+    if (p->hashing && len > 0 && p->up_len >= 0 && p->received == (uint64_t)p->up_len) {
+        p->holding = true;
+        p->held = data[len - 1];
+        len--;
+    }
+    if (len && am_http_write(p->ex, data, len) != 0) return;
     if (!p->paused && am_http_queued(p->ex) > BLOB_HIGH_WATER && p->ureq) {
         p->paused = true;
         am_upstream_req_pause(p->ureq);
@@ -397,6 +408,11 @@ static void finish_blob(struct pull *p, int err)
             p->ex = NULL;
             return;
         }
+    }
+    if (p->holding && am_http_write(p->ex, &p->held, 1) != 0) {
+        am_http_abort(p->ex);
+        p->ex = NULL;
+        return;
     }
     am_http_end(p->ex);
     p->ex = NULL;
@@ -703,9 +719,21 @@ void am_registry_handle(void *ctx, struct am_http_exchange *ex)
     struct am_route rt;
     char msg[256];
 
-    if (req->path_len == 8 && memcmp(req->path, "/healthz", 8) == 0) {
+    if (strcmp(req->path, "/healthz") == 0) {
         struct am_http_header h[] = {hdr("Content-Type", "text/plain")};
         am_http_respond(ex, 200, NULL, h, 1, "ok\n", 3);
+        return;
+    }
+    if (strcmp(req->path, "/readyz") == 0) {
+        /* Ready means the cache store answers reads: probe it with a key that never
+         * exists. A draining server has already stopped accepting. */
+        struct am_tag_rec probe;
+        int prc = am_metastore_get_tag(reg->ms, "readyz", "readyz", "readyz", &probe);
+        struct am_http_header h[] = {hdr("Content-Type", "text/plain")};
+        if (prc == 0 || prc == AM_ENOT_FOUND)
+            am_http_respond(ex, 200, NULL, h, 1, "ready\n", 6);
+        else
+            am_http_respond(ex, 503, NULL, h, 1, "cache store unavailable\n", 24);
         return;
     }
 

@@ -67,6 +67,32 @@ class DigestMismatchTest(testbase.IntegrationCase):
                 self.assertGreaterEqual(self.fp.count(method="GET", path=up_path), before + 1,
                                         "archmirror did not go upstream again" + self.context())
 
+    def test_corrupted_blob_never_completes_for_the_client(self):
+        """A streamed blob whose bytes do not hash to its digest: the client must not get
+        a response that looks complete (the final byte is held until verification)."""
+        import http.client
+        repo, _, img = self.seeded["single"]
+        layer = img["image"]["blobs"][-1]
+        up_path = "/v2/%s/blobs/%s" % (repo, layer.digest)
+        self.fp.flip(up_path)
+        conn = http.client.HTTPConnection("127.0.0.1", self.am_mm.port, timeout=10)
+        try:
+            conn.request("GET", up_path + "?ns=example.com")
+            resp = conn.getresponse()
+            self.assertEqual(resp.status, 200, "blob head" + self.context(self.am_mm))
+            self.assertEqual(int(resp.getheader("Content-Length")), layer.size)
+            with self.assertRaises(http.client.IncompleteRead,
+                                   msg="a corrupted blob was delivered whole"):
+                resp.read()
+        finally:
+            conn.close()
+        self.assertGreaterEqual(self.fp.flipped, 1, "the proxy never flipped" + self.context())
+        self.assertIn(layer.digest, self.am_mm.log(),
+                      "archmirror did not log the mismatch")
+        self.fp.unflip(up_path)
+        r = self.get(self.am_mm, up_path + "?ns=example.com")
+        self.assertBlobResponse(r, layer, "GET", "after the proxy stopped flipping")
+
     def test_freshness_window_no_upstream_request(self):
         repo, tag, img = self.seeded["single"]
         path = "/v2/%s/manifests/%s?ns=example.com" % (repo, tag)
