@@ -177,6 +177,16 @@ static const struct field fields[] = {
     {"cache", "metastore_map_size", K_SIZE, C_U64(metastore_map_bytes), "\"1GiB\"", MIB, TIB, 0,
      "Size of the LMDB map that holds manifests and tags: the most it can grow to, not disk "
      "space used up front."},
+    {"cache", "max_size", K_SIZE, C_U64(blob_max_bytes), "\"10GiB\"", MIB, 1024 * TIB, 0,
+     "Disk budget for cached blobs (layers, configs); least-recently-used blobs are evicted "
+     "in the background to stay under it."},
+    {"cache", "evict_high_watermark", K_UINT, C_U64(blob_high_pct), "95", 1, 100, 0,
+     "Eviction starts when cached blobs exceed this percentage of max_size."},
+    {"cache", "evict_low_watermark", K_UINT, C_U64(blob_low_pct), "90", 1, 100, 0,
+     "Eviction frees space down to this percentage of max_size; at most "
+     "evict_high_watermark."},
+    {"cache", "blobstore_map_size", K_SIZE, C_U64(blobstore_map_bytes), "\"256MiB\"", MIB, TIB, 0,
+     "Size of the LMDB map that holds blob metadata (size, last access, hits)."},
 };
 #define N_FIELDS (sizeof fields / sizeof fields[0])
 
@@ -1374,6 +1384,10 @@ int am_config_validate(const struct am_config *cfg, struct am_config_report *r)
     if (cfg->log_level < AM_LOG_ERROR || cfg->log_level > AM_LOG_DEBUG)
         problem(r, "$.log_level", "%d is not a log level", cfg->log_level);
     if (!cfg->data_dir || !*cfg->data_dir) problem(r, "$.data_dir", "must not be empty");
+    if (cfg->blob_low_pct > cfg->blob_high_pct)
+        problem(r, "$.cache.evict_low_watermark",
+                "%llu is above evict_high_watermark (%llu): eviction would never stop",
+                (unsigned long long)cfg->blob_low_pct, (unsigned long long)cfg->blob_high_pct);
 
     if (cfg->n_listen == 0) problem(r, "$.listen", "must list at least one address");
     check_listen_list(cfg->listen, cfg->n_listen, r);

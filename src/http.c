@@ -85,3 +85,50 @@ int am_http_parse_u64(const char *s, size_t len, uint64_t *out)
     *out = v;
     return 0;
 }
+
+/* Reads digits at s[*i..len) into *out; returns false when there are none or they
+ * overflow. */
+static bool read_u64(const char *s, size_t len, size_t *i, uint64_t *out)
+{
+    size_t j = *i;
+    uint64_t v = 0;
+    while (j < len && s[j] >= '0' && s[j] <= '9') {
+        unsigned d = (unsigned)(s[j] - '0');
+        if (v > (UINT64_MAX - d) / 10) return false;
+        v = v * 10 + d;
+        j++;
+    }
+    if (j == *i) return false;
+    *i = j;
+    *out = v;
+    return true;
+}
+
+int am_http_parse_range(const char *s, size_t len, uint64_t size, uint64_t *start,
+                        uint64_t *end)
+{
+    size_t i = 0;
+    while (len && (s[len - 1] == ' ' || s[len - 1] == '\t')) len--;
+    while (i < len && (s[i] == ' ' || s[i] == '\t')) i++;
+    if (len - i < 6 || strncasecmp(s + i, "bytes=", 6) != 0) return AM_EINVAL;
+    i += 6;
+    uint64_t a = 0, b = 0;
+    bool has_a = read_u64(s, len, &i, &a);
+    if (i >= len || s[i] != '-') return AM_EINVAL;
+    i++;
+    bool has_b = read_u64(s, len, &i, &b);
+    if (i != len) return AM_EINVAL; /* trailing bytes, or a second range after ',' */
+    if (!has_a) {
+        /* suffix: the last b bytes */
+        if (!has_b) return AM_EINVAL;
+        if (b == 0 || size == 0) return AM_ERANGE;
+        *start = b >= size ? 0 : size - b;
+        *end = size;
+        return 0;
+    }
+    if (has_b && b < a) return AM_EINVAL;
+    if (a >= size) return AM_ERANGE;
+    *start = a;
+    *end = has_b && b < size - 1 ? b + 1 : size;
+    return 0;
+}

@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <uv.h>
 
+#include "archmirror/blobstore.h"
 #include "archmirror/config.h"
 #include "archmirror/error.h"
 #include "archmirror/httpserver.h"
@@ -52,6 +53,7 @@ struct app {
     uv_loop_t loop;
     struct am_config cfg;
     struct am_metastore *ms;
+    struct am_blobstore *bs;
     struct am_registry *reg;
     struct am_httpserver *srv;
     uv_signal_t sigterm, sigint;
@@ -103,13 +105,20 @@ static void on_store_closed(void *arg)
     uv_close((uv_handle_t *)&app->sigint, on_signal_closed);
 }
 
+static void on_blobs_closed(void *arg)
+{
+    struct app *app = arg;
+    app->bs = NULL;
+    am_metastore_close(app->ms, on_store_closed, app);
+}
+
 static void on_server_drained(void *arg)
 {
     struct app *app = arg;
-    AM_INFO("server drained; closing upstreams and the cache store");
+    AM_INFO("server drained; closing upstreams and the cache stores");
     am_registry_free(app->reg);
     app->reg = NULL;
-    am_metastore_close(app->ms, on_store_closed, app);
+    am_blobstore_close_store(app->bs, on_blobs_closed, app);
 }
 
 static void on_signal(uv_signal_t *h, int signum)
@@ -264,7 +273,18 @@ static int start(struct app *app)
         fprintf(stderr, "archmirror: cache store: %s\n", msg[0] ? msg : am_error_message(rc));
         return rc;
     }
-    if ((rc = am_registry_new(&app->loop, cfg, app->ms, &app->reg, msg, sizeof msg))) {
+    struct am_blobstore_options bo = {
+        .max_bytes = cfg->blob_max_bytes,
+        .high_pct = (unsigned)cfg->blob_high_pct,
+        .low_pct = (unsigned)cfg->blob_low_pct,
+        .map_bytes = cfg->blobstore_map_bytes,
+    };
+    if ((rc = am_blobstore_open_store(&app->loop, cfg->data_dir, &bo, &app->bs, msg,
+                                      sizeof msg))) {
+        fprintf(stderr, "archmirror: blob store: %s\n", msg[0] ? msg : am_error_message(rc));
+        return rc;
+    }
+    if ((rc = am_registry_new(&app->loop, cfg, app->ms, app->bs, &app->reg, msg, sizeof msg))) {
         fprintf(stderr, "archmirror: upstreams: %s\n", msg[0] ? msg : am_error_message(rc));
         return rc;
     }
@@ -304,6 +324,7 @@ static void abandon(struct app *app)
         am_httpserver_free(app->srv);
     }
     am_registry_free(app->reg);
+    if (app->bs) am_blobstore_close_store(app->bs, NULL, NULL);
     if (app->ms) am_metastore_close(app->ms, NULL, NULL);
     uv_close((uv_handle_t *)&app->sigterm, NULL);
     uv_close((uv_handle_t *)&app->sigint, NULL);

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "archmirror/blobflight.h"
 #include "archmirror/buf.h"
 #include "archmirror/digest.h"
 #include "archmirror/error.h"
@@ -35,6 +36,7 @@ struct am_registry {
     uv_loop_t *loop;
     const struct am_config *cfg;
     struct am_metastore *ms;
+    struct am_blobflights *bf; /* owned; NULL without a blob store */
     struct am_upstream *ups[AM_CONFIG_MAX_UPSTREAMS]; /* owned; index = cfg->upstreams */
     size_t n_ups;
 };
@@ -690,6 +692,17 @@ static void handle_blob(struct am_registry *reg, struct am_http_exchange *ex,
                         const struct am_http_request *req, const struct am_route *rt,
                         size_t up_idx, const char *repo)
 {
+    char path[AM_NAME_MAX + AM_DIGEST_STR_MAX + 32];
+    snprintf(path, sizeof path, "/v2/%s/blobs/%s", repo, rt->digest.str);
+    if (reg->bf) {
+        char scope[AM_NAME_MAX + 32];
+        snprintf(scope, sizeof scope, "repository:%s:pull", repo);
+        if (am_blobflights_serve(reg->bf, ex, reg->ups[up_idx], path, scope, &rt->digest) ==
+            AM_BLOBFLIGHT_SERVED)
+            return;
+    }
+    /* No cached or in-flight copy can answer (a cold HEAD or Range, or no store): pass
+     * the request through, checking the digest of a whole body on the way. */
     struct pull *p = pull_new(reg, ex, req, up_idx, repo);
     if (!p) {
         respond_error(ex, AM_ENOMEM, NULL);
@@ -707,8 +720,6 @@ static void handle_blob(struct am_registry *reg, struct am_http_exchange *ex,
         }
         copy_view(p->range, sizeof p->range, range, rlen);
     }
-    char path[AM_NAME_MAX + AM_DIGEST_STR_MAX + 32];
-    snprintf(path, sizeof path, "/v2/%s/blobs/%s", repo, rt->digest.str);
     if (pull_start(p, req->is_head ? "HEAD" : "GET", path)) pull_maybe_free(p);
 }
 
@@ -790,13 +801,17 @@ void am_registry_handle(void *ctx, struct am_http_exchange *ex)
 }
 
 int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_metastore *ms,
-                    struct am_registry **out, char *msg, size_t msglen)
+                    struct am_blobstore *bs, struct am_registry **out, char *msg, size_t msglen)
 {
     struct am_registry *reg = calloc(1, sizeof *reg);
     if (!reg) return AM_ENOMEM;
     reg->loop = loop;
     reg->cfg = cfg;
     reg->ms = ms;
+    if (bs && am_blobflights_new(loop, bs, &reg->bf)) {
+        free(reg);
+        return AM_ENOMEM;
+    }
     struct am_upstream_opts o = {
         .connect_timeout_ms = cfg->upstream_connect_timeout_ms,
         .header_timeout_ms = cfg->upstream_header_timeout_ms,
@@ -820,6 +835,7 @@ int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_meta
 void am_registry_free(struct am_registry *reg)
 {
     if (!reg) return;
+    am_blobflights_free(reg->bf); /* cancels fetches before their upstreams go */
     for (size_t i = 0; i < reg->n_ups; i++) am_upstream_free(reg->ups[i]);
     free(reg);
 }

@@ -29,9 +29,9 @@ struct am_tls_ctx {
 };
 
 struct am_tls {
-    SSL *ssl;   /* owned; owns both BIOs and a reference to the SSL_CTX */
-    BIO *rbio;  /* borrowed from ssl: ciphertext in */
-    BIO *wbio;  /* borrowed from ssl: ciphertext out */
+    SSL *ssl;  /* owned; owns both BIOs and a reference to the SSL_CTX */
+    BIO *rbio; /* borrowed from ssl: ciphertext in */
+    BIO *wbio; /* borrowed from ssl: ciphertext out */
 };
 
 /* ALPN protocol list (RFC 7301 §3.1): length-prefixed names. */
@@ -151,8 +151,7 @@ int am_tls_new(struct am_tls_ctx *ctx, const char *host, struct am_tls **out, ch
     if (!ctx->insecure) {
         X509_VERIFY_PARAM *param = SSL_get0_param(t->ssl);
         X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
-        int ok = is_ip ? X509_VERIFY_PARAM_set1_ip_asc(param, host)
-                       : SSL_set1_host(t->ssl, host);
+        int ok = is_ip ? X509_VERIFY_PARAM_set1_ip_asc(param, host) : SSL_set1_host(t->ssl, host);
         if (ok != 1) {
             set_msg(msg, msglen, "host %s cannot be verified", host);
             goto inval;
@@ -260,7 +259,10 @@ int am_tls_write(struct am_tls *t, const void *data, size_t len, char *msg, size
     return AM_EUPSTREAM_TLS;
 }
 
-size_t am_tls_pending(const struct am_tls *t) { return BIO_ctrl_pending(t->wbio); }
+size_t am_tls_pending(const struct am_tls *t)
+{
+    return BIO_ctrl_pending(t->wbio);
+}
 
 size_t am_tls_take(struct am_tls *t, void *out, size_t cap)
 {
@@ -273,7 +275,10 @@ size_t am_tls_take(struct am_tls *t, void *out, size_t cap)
     return got;
 }
 
-const char *am_tls_version(const struct am_tls *t) { return SSL_get_version(t->ssl); }
+const char *am_tls_version(const struct am_tls *t)
+{
+    return SSL_get_version(t->ssl);
+}
 
 const char *am_tls_cipher(const struct am_tls *t)
 {

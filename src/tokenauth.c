@@ -21,11 +21,11 @@
 #include "archmirror/error.h"
 
 struct entry {
-    char *scope;                       /* owned */
-    char *token;                       /* owned or NULL */
-    uint64_t expires_ms;               /* usable while now < expires_ms */
+    char *scope;         /* owned */
+    char *token;         /* owned or NULL */
+    uint64_t expires_ms; /* usable while now < expires_ms */
     bool fetching;
-    struct am_tokenauth_waiter queue;  /* list head; on_token unused */
+    struct am_tokenauth_waiter queue; /* list head; on_token unused */
 };
 
 struct am_tokenauth {
@@ -36,9 +36,15 @@ struct am_tokenauth {
 
 /* --- waiter queues (circular, head sentinel) ---------------------------------------- */
 
-static void queue_init(struct am_tokenauth_waiter *head) { head->prev = head->next = head; }
+static void queue_init(struct am_tokenauth_waiter *head)
+{
+    head->prev = head->next = head;
+}
 
-static bool queue_empty(const struct am_tokenauth_waiter *head) { return head->next == head; }
+static bool queue_empty(const struct am_tokenauth_waiter *head)
+{
+    return head->next == head;
+}
 
 static void queue_push(struct am_tokenauth_waiter *head, struct am_tokenauth_waiter *w)
 {
@@ -119,8 +125,12 @@ static bool parse_rfc3339(const char *s, int64_t *out)
     if (*p != '\0' || M < 1 || M > 12 || D < 1 || D > 31 || h > 23 || m > 59 || sec > 60 ||
         oh > 23 || om > 59)
         return false;
-    struct tm tm = {.tm_year = Y - 1900, .tm_mon = M - 1, .tm_mday = D, .tm_hour = h,
-                    .tm_min = m, .tm_sec = sec};
+    struct tm tm = {.tm_year = Y - 1900,
+                    .tm_mon = M - 1,
+                    .tm_mday = D,
+                    .tm_hour = h,
+                    .tm_min = m,
+                    .tm_sec = sec};
     time_t t = timegm(&tm);
     if (t == (time_t)-1) return false;
     *out = (int64_t)t - sign * (int64_t)(oh * 3600 + om * 60);
@@ -247,8 +257,7 @@ static bool evict_one(struct am_tokenauth *ta)
         const struct entry *e = ta->v[i];
         if (e->fetching || !queue_empty(&e->queue)) continue;
         uint64_t exp = e->token ? e->expires_ms : 0;
-        if (best == ta->n || exp < (ta->v[best]->token ? ta->v[best]->expires_ms : 0))
-            best = i;
+        if (best == ta->n || exp < (ta->v[best]->token ? ta->v[best]->expires_ms : 0)) best = i;
     }
     if (best == ta->n) return false;
     entry_free(ta->v[best]);
@@ -299,8 +308,7 @@ bool am_tokenauth_fetching(const struct am_tokenauth *ta, const char *scope)
     return e && e->fetching;
 }
 
-int am_tokenauth_wait(struct am_tokenauth *ta, const char *scope,
-                      struct am_tokenauth_waiter *w)
+int am_tokenauth_wait(struct am_tokenauth *ta, const char *scope, struct am_tokenauth_waiter *w)
 {
     struct entry *e = obtain(ta, scope);
     if (!e) return AM_ENOMEM;
@@ -311,8 +319,8 @@ int am_tokenauth_wait(struct am_tokenauth *ta, const char *scope,
     return 1;
 }
 
-void am_tokenauth_finish(struct am_tokenauth *ta, const char *scope, int status,
-                         const char *token, uint64_t ttl_ms, uint64_t now_ms)
+void am_tokenauth_finish(struct am_tokenauth *ta, const char *scope, int status, const char *token,
+                         uint64_t ttl_ms, uint64_t now_ms)
 {
     struct am_tokenauth_waiter local;
     char *copy = NULL;

@@ -14,7 +14,10 @@
  *  - the policies on top of xchgs: a request (struct am_upstream_req: auth, redirects,
  *    delivery to the caller) and a token fetch (single-flight per scope via tokenauth).
  * The token realm and redirect targets may be other origins; they use the same pool and
- * TLS context. Only the upstream's own origin ever gets its Authorization header.
+ * TLS context. Only the upstream's own origin ever gets its Authorization header (the
+ * realm gets the configured Basic credentials, per the token spec). Both kinds of foreign
+ * target are refused on loopback/link-local addresses unless allowed or the upstream
+ * itself lives there, and an https upstream never leads to plain http.
  *
  * Lifetimes: nothing a caller's callback can reach is freed synchronously. Conns are
  * freed from their handles' close callbacks; finished requests go to a graveyard emptied
@@ -49,13 +52,13 @@
 #include "archmirror/tokenauth.h"
 #include "archmirror/wwwauth.h"
 
-#define READ_BUF_SIZE 65536
-#define TLS_PLAIN_SIZE 16384   /* one TLS record's plaintext at most (RFC 8446 §5.1) */
-#define DRAIN_MAX 65536        /* a 401/3xx body up to this is read to keep the conn */
-#define WIRE_MAX 131072        /* request head: path, Accept, token */
-#define PATH_MAX_LEN 16384     /* redirect / realm targets */
+#define READ_BUF_SIZE  65536
+#define TLS_PLAIN_SIZE 16384  /* one TLS record's plaintext at most (RFC 8446 §5.1) */
+#define DRAIN_MAX      65536  /* a 401/3xx body up to this is read to keep the conn */
+#define WIRE_MAX       131072 /* request head: path, Accept, token */
+#define PATH_MAX_LEN   16384  /* redirect / realm targets */
 #define MAX_CHALLENGES 4
-#define MSG_LEN 256
+#define MSG_LEN        256
 
 #define container_of(ptr, type, member) ((type *)(void *)((char *)(ptr)-offsetof(type, member)))
 
@@ -65,8 +68,14 @@ struct link {
     struct link *prev, *next;
 };
 
-static void link_init(struct link *l) { l->prev = l->next = l; }
-static bool link_empty(const struct link *h) { return h->next == h; }
+static void link_init(struct link *l)
+{
+    l->prev = l->next = l;
+}
+static bool link_empty(const struct link *h)
+{
+    return h->next == h;
+}
 
 static void link_insert(struct link *at, struct link *l)
 {
@@ -75,8 +84,14 @@ static void link_insert(struct link *at, struct link *l)
     at->prev->next = l;
     at->prev = l;
 }
-static void link_push_back(struct link *h, struct link *l) { link_insert(h, l); }
-static void link_push_front(struct link *h, struct link *l) { link_insert(h->next, l); }
+static void link_push_back(struct link *h, struct link *l)
+{
+    link_insert(h, l);
+}
+static void link_push_front(struct link *h, struct link *l)
+{
+    link_insert(h->next, l);
+}
 
 /* Unlinks l; a no-op on an unlinked (self-looped) node. */
 static void link_remove(struct link *l)
@@ -373,19 +388,19 @@ struct xchg {
     struct am_upstream *up;
     const struct xchg_ops *ops;
     struct origin org;
-    struct am_buf wire;  /* the request head, kept for a retry; holds secrets */
-    size_t method_len;   /* request line parts inside wire, for the log line */
+    struct am_buf wire; /* the request head, kept for a retry; holds secrets */
+    size_t method_len;  /* request line parts inside wire, for the log line */
     size_t target_len;
     bool is_head;
-    bool private_ok;     /* may connect to loopback/link-local addresses */
-    bool log_query;      /* the query is ours, not a redirect's (maybe signed) one */
+    bool private_ok; /* may connect to loopback/link-local addresses */
+    bool log_query;  /* the query is ours, not a redirect's (maybe signed) one */
     bool paused;
-    bool reused;         /* on a pooled conn */
-    bool retried;        /* the one retry on a new conn was used */
-    bool got_bytes;      /* any response byte arrived */
+    bool reused;    /* on a pooled conn */
+    bool retried;   /* the one retry on a new conn was used */
+    bool got_bytes; /* any response byte arrived */
     enum body_mode mode;
     size_t drained;
-    struct conn *conn;   /* borrowed while attached */
+    struct conn *conn; /* borrowed while attached */
     char msg[MSG_LEN];
 };
 
@@ -411,36 +426,36 @@ struct conn {
     uv_tcp_t tcp;
     uv_getaddrinfo_t gai;
     uv_connect_t creq;
-    int handles;              /* uv handles not yet closed */
-    bool tcp_open;            /* tcp initialised and not closing */
+    int handles;   /* uv handles not yet closed */
+    bool tcp_open; /* tcp initialised and not closing */
     bool gai_pending;
     struct addrinfo *ai_list; /* owned (uv_freeaddrinfo) */
     struct addrinfo *ai_next; /* next address to try */
     struct addrinfo lit_ai;   /* an IP literal as a one-entry list */
     struct sockaddr_storage lit;
     struct sockaddr_storage peer;
-    int last_err;             /* libuv error of the last failed attempt */
+    int last_err; /* libuv error of the last failed attempt */
     bool skipped_private;
     bool peer_private;
     bool reading;
     uint64_t last_rx;
-    struct am_tls *tls;       /* owned, https only */
+    struct am_tls *tls; /* owned, https only */
     llhttp_t parser;
-    char *rbuf;               /* owned: socket reads */
-    char *pbuf;               /* owned: TLS plaintext */
-    const char *pend;         /* unparsed bytes while the parser is paused */
+    char *rbuf;       /* owned: socket reads */
+    char *pbuf;       /* owned: TLS plaintext */
+    const char *pend; /* unparsed bytes while the parser is paused */
     size_t pend_len;
     bool parser_paused;
     /* the response being parsed */
-    struct am_buf head;       /* reason phrase, then names and values */
-    size_t reason_len;        /* the reason phrase is head.data[0..reason_len) */
+    struct am_buf head; /* reason phrase, then names and values */
+    size_t reason_len;  /* the reason phrase is head.data[0..reason_len) */
     struct hdr_pos hdrs[AM_UPSTREAM_MAX_HEADERS];
     size_t n_hdrs;
     enum hdr_state hstate;
-    size_t head_fed;          /* bytes fed while the head was incomplete */
+    size_t head_fed; /* bytes fed while the head was incomplete */
     bool interim, head_done, msg_done, keepalive, abandon;
-    int fail;                 /* error decided inside a parser callback */
-    struct xchg *x;           /* borrowed: the exchange in progress, NULL when idle */
+    int fail;       /* error decided inside a parser callback */
+    struct xchg *x; /* borrowed: the exchange in progress, NULL when idle */
     char msg[MSG_LEN];
 };
 
@@ -460,16 +475,16 @@ struct am_upstream_req {
     char *path;                   /* owned: current target's path and query */
     bool from_location;
     enum rq_state state;
-    enum rq_next next;            /* what the response being read leads to */
+    enum rq_next next; /* what the response being read leads to */
     int next_status;
     bool auth_retried;
     bool basic_sent;
-    char *auth;                   /* owned secret: Authorization for the upstream origin */
-    char *token;                  /* owned secret: the bearer token inside auth */
-    char *auth_scope;             /* owned: scope of the token flow */
-    struct am_challenge *chal;    /* owned: the Bearer challenge being answered */
+    char *auth;                /* owned secret: Authorization for the upstream origin */
+    char *token;               /* owned secret: the bearer token inside auth */
+    char *auth_scope;          /* owned: scope of the token flow */
+    struct am_challenge *chal; /* owned: the Bearer challenge being answered */
     struct origin next_org;
-    char *next_path;              /* owned: redirect target */
+    char *next_path; /* owned: redirect target */
     unsigned redirects;
 };
 
@@ -477,7 +492,7 @@ struct fetch {
     struct am_upstream *up;
     struct link link; /* up->fetches */
     struct xchg x;
-    char *scope;      /* owned: the cache key */
+    char *scope; /* owned: the cache key */
     int http_status;
     bool too_large;
     struct am_buf body;
@@ -485,7 +500,7 @@ struct fetch {
 
 struct am_upstream {
     uv_loop_t *loop;
-    char *name;                  /* owned */
+    char *name; /* owned */
     struct am_upstream_opts opts;
     struct origin origin;
     char *basic;                 /* owned secret: "Basic …" or NULL */
@@ -501,7 +516,7 @@ struct am_upstream {
     size_t n_conns;
     uint64_t next_conn_id;
     struct am_upstream_stats stats;
-    char token_msg[MSG_LEN];     /* why the last token fetch failed */
+    char token_msg[MSG_LEN]; /* why the last token fetch failed */
 };
 
 /* --- forward declarations --------------------------------------------------------------- */
@@ -569,8 +584,8 @@ static void xchg_failed(struct xchg *x, int status)
      * GET and HEAD are idempotent, so one retry on a new connection is safe. */
     if (status == AM_EUPSTREAM && x->reused && !x->got_bytes && !x->retried && !up->closing) {
         x->retried = true;
-        AM_DEBUG("upstream %s: pooled connection failed before a response (%s); retrying",
-                 up->name, x->msg);
+        AM_DEBUG("upstream %s: pooled connection failed before a response (%s); retrying", up->name,
+                 x->msg);
         int rc = xchg_start(x, true);
         if (rc == 0) return;
         status = rc;
@@ -768,9 +783,8 @@ static int on_status(llhttp_t *p, const char *at, size_t len)
 static void header_finish(struct conn *c)
 {
     struct hdr_pos *h = &c->hdrs[c->n_hdrs];
-    while (h->value_len > 0 &&
-           (c->head.data[h->value_off + h->value_len - 1] == ' ' ||
-            c->head.data[h->value_off + h->value_len - 1] == '\t'))
+    while (h->value_len > 0 && (c->head.data[h->value_off + h->value_len - 1] == ' ' ||
+                                c->head.data[h->value_off + h->value_len - 1] == '\t'))
         h->value_len--;
     c->n_hdrs++;
     c->hstate = HS_NONE;
@@ -1126,10 +1140,9 @@ static int conn_send(struct conn *c)
         bool cut = q && !x->log_query;
         if (cut) tl = (size_t)(q - target);
         conn_hostport(c, hp, sizeof hp);
-        AM_DEBUG("upstream %s: conn %llu%s %.*s %s://%s%.*s%s", up->name,
-                 (unsigned long long)c->id, x->reused ? " (reused)" : "", (int)x->method_len,
-                 x->wire.data, c->org.https ? "https" : "http", hp, (int)tl, target,
-                 cut ? "?…" : "");
+        AM_DEBUG("upstream %s: conn %llu%s %.*s %s://%s%.*s%s", up->name, (unsigned long long)c->id,
+                 x->reused ? " (reused)" : "", (int)x->method_len, x->wire.data,
+                 c->org.https ? "https" : "http", hp, (int)tl, target, cut ? "?…" : "");
     }
     conn_arm(c, PH_HEAD);
     return 0;
@@ -1155,8 +1168,7 @@ static void conn_tls_handshake(struct conn *c)
         return;
     }
     if (frc) {
-        conn_failf(c, frc, "sending the TLS handshake to %s failed: %s", hp,
-                   am_error_message(frc));
+        conn_failf(c, frc, "sending the TLS handshake to %s failed: %s", hp, am_error_message(frc));
         return;
     }
     if (rc == 1) {
@@ -1225,8 +1237,8 @@ static void on_connect(uv_connect_t *req, int status)
             uv_ip4_name((const struct sockaddr_in *)(const void *)&c->peer, ip, sizeof ip);
         else
             uv_ip6_name((const struct sockaddr_in6 *)(const void *)&c->peer, ip, sizeof ip);
-        AM_DEBUG("upstream %s: conn %llu connected to %s (%s)", up->name,
-                 (unsigned long long)c->id, hp, ip);
+        AM_DEBUG("upstream %s: conn %llu connected to %s (%s)", up->name, (unsigned long long)c->id,
+                 hp, ip);
     }
     int rc = conn_start_reading(c);
     if (rc) {
@@ -1377,8 +1389,8 @@ static int conn_new(struct xchg *x)
         c->ai_next = &c->lit_ai;
         rc = conn_try_next(c);
     } else {
-        struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                                 .ai_protocol = IPPROTO_TCP};
+        struct addrinfo hints = {
+            .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_protocol = IPPROTO_TCP};
         c->gai.data = c;
         rc = uv_getaddrinfo(up->loop, &c->gai, on_resolved, c->org.host, NULL, &hints);
         if (rc == 0) {
@@ -1419,8 +1431,7 @@ static void xchg_cleanup(struct xchg *x)
 /* Serialises a request (RFC 9112 §3) for org into x->wire. Strings borrowed. Never
  * Accept-Encoding: blob bytes must arrive exactly as their digest says. */
 static int xchg_prepare(struct xchg *x, const struct origin *org, bool is_head, const char *path,
-                        const char *accept, const char *range, const char *auth,
-                        bool log_query)
+                        const char *accept, const char *range, const char *auth, bool log_query)
 {
     struct am_upstream *up = x->up;
     char hp[300];
@@ -1518,15 +1529,15 @@ static void fetch_on_done(struct xchg *x, int status)
         rc = AM_EUNAUTHORIZED;
         set_msg(msg, "token endpoint answered %d", f->http_status);
     } else {
-        rc = am_tokenauth_parse(f->body.data ? f->body.data : "", f->body.len,
-                                (int64_t)time(NULL), &token, &ttl, msg, sizeof msg);
+        rc = am_tokenauth_parse(f->body.data ? f->body.data : "", f->body.len, (int64_t)time(NULL),
+                                &token, &ttl, msg, sizeof msg);
     }
     if (rc) {
         AM_WARN("upstream %s: token request to %s failed: %s", up->name, x->org.host, msg);
         set_msg(up->token_msg, "token request to %s failed: %s", x->org.host, msg);
     } else {
-        AM_DEBUG("upstream %s: token for scope \"%s\" from %s, valid %llu s", up->name,
-                 f->scope, x->org.host, (unsigned long long)(ttl / 1000));
+        AM_DEBUG("upstream %s: token for scope \"%s\" from %s, valid %llu s", up->name, f->scope,
+                 x->org.host, (unsigned long long)(ttl / 1000));
     }
     am_tokenauth_finish(up->tokens, f->scope, rc ? AM_EUNAUTHORIZED : 0, token, ttl,
                         uv_now(up->loop));
@@ -1548,13 +1559,22 @@ static int fetch_start(struct am_upstream *up, const char *scope, const struct a
     int rc;
     am_buf_init(&path, PATH_MAX_LEN);
     if (url_parse(ch->realm, strlen(ch->realm), &org, &rest, &rl) || !target_safe(rest, rl)) {
-        AM_WARN("upstream %s: token realm \"%s\" is not a usable http(s) URL", up->name,
-                ch->realm);
+        AM_WARN("upstream %s: token realm \"%s\" is not a usable http(s) URL", up->name, ch->realm);
         set_msg(up->token_msg, "token realm is not a usable http(s) URL");
         return AM_EUNAUTHORIZED;
     }
+    /* The same rule as for redirects: what an https upstream sends (credentials here)
+     * never travels in clear text. */
+    if (up->origin.https && !org.https) {
+        AM_WARN("upstream %s: refusing the plain-http token realm on %s", up->name, org.host);
+        set_msg(up->token_msg, "refusing the plain-http token realm on %s", org.host);
+        return AM_EUNAUTHORIZED;
+    }
     struct fetch *f = calloc(1, sizeof *f);
-    if (!f) return AM_ENOMEM;
+    if (!f) {
+        set_msg(up->token_msg, "out of memory");
+        return AM_ENOMEM;
+    }
     xchg_init(&f->x, up, &fetch_ops);
     link_init(&f->link);
     f->up = up;
@@ -1578,8 +1598,8 @@ static int fetch_start(struct am_upstream *up, const char *scope, const struct a
         s += n;
         while (*s == ' ') s++;
     }
-    if (!rc) rc = xchg_prepare(&f->x, &org, false, path.data, "application/json", NULL,
-                               up->basic, true);
+    if (!rc)
+        rc = xchg_prepare(&f->x, &org, false, path.data, "application/json", NULL, up->basic, true);
     if (!rc) rc = xchg_start(&f->x, false);
     if (rc) {
         AM_WARN("upstream %s: token request to %s failed: %s", up->name, org.host,
@@ -1632,8 +1652,9 @@ static void req_finish(struct am_upstream_req *r, int status)
 {
     if (r->state == RQ_DONE) return;
     req_retire(r);
-    if (status) AM_DEBUG("upstream %s: request failed: %s (%s)", r->up->name,
-                         am_error_name(status), r->x.msg);
+    if (status)
+        AM_DEBUG("upstream %s: request failed: %s (%s)", r->up->name, am_error_name(status),
+                 r->x.msg);
     r->cbs.on_done(r->arg, status);
 }
 
@@ -1772,8 +1793,7 @@ static bool req_plan_redirect(struct am_upstream_req *r, const struct am_upstrea
         return true;
     }
     if (r->x.org.https && !r->next_org.https) {
-        set_msg(r->x.msg, "refusing a redirect from https://%s to http://%s", hp,
-                r->next_org.host);
+        set_msg(r->x.msg, "refusing a redirect from https://%s to http://%s", hp, r->next_org.host);
         return true;
     }
     r->next = NEXT_REDIRECT;
@@ -1791,8 +1811,7 @@ static enum body_mode req_on_head(struct xchg *x, const struct am_upstream_respo
     struct am_upstream *up = r->up;
     bool ours = origin_eq(&x->org, &up->origin);
     r->next = NEXT_NONE;
-    if (resp->status == 401 && ours && !r->auth_retried && req_plan_auth(r, resp))
-        return XB_DRAIN;
+    if (resp->status == 401 && ours && !r->auth_retried && req_plan_auth(r, resp)) return XB_DRAIN;
     /* The upstream took our Basic credentials (whatever it answers next). */
     if (ours && r->basic_sent && resp->status != 401) up->use_basic = true;
     if (is_redirect(resp->status) && req_plan_redirect(r, resp))
@@ -1846,8 +1865,7 @@ static int dup_opt(const char *s, char **out)
 }
 
 int am_upstream_request(struct am_upstream *up, const struct am_upstream_request_opts *opts,
-                        const struct am_upstream_cbs *cbs, void *arg,
-                        struct am_upstream_req **out)
+                        const struct am_upstream_cbs *cbs, void *arg, struct am_upstream_req **out)
 {
     if (up->closing) return AM_ECANCELED;
     if (!opts->method || !opts->path || opts->path[0] != '/' ||
@@ -1959,7 +1977,10 @@ void am_upstream_req_cancel(struct am_upstream_req *r)
     req_retire(r);
 }
 
-const char *am_upstream_req_message(const struct am_upstream_req *r) { return r->x.msg; }
+const char *am_upstream_req_message(const struct am_upstream_req *r)
+{
+    return r->x.msg;
+}
 
 /* --- the upstream ----------------------------------------------------------------------- */
 
@@ -2057,8 +2078,7 @@ int am_upstream_new(uv_loop_t *loop, const struct am_upstream_conf *conf,
     }
     if (conf->username) {
         if (strchr(conf->username, ':') || !value_safe(conf->username)) {
-            snprintf(msg, msglen, "upstream %s: username must not contain ':' or controls",
-                     name);
+            snprintf(msg, msglen, "upstream %s: username must not contain ':' or controls", name);
             rc = AM_ECONFIG;
             goto fail;
         }
@@ -2108,7 +2128,10 @@ void am_upstream_free(struct am_upstream *up)
     uv_close((uv_handle_t *)&up->idle, on_idle_closed);
 }
 
-const char *am_upstream_name(const struct am_upstream *up) { return up->name; }
+const char *am_upstream_name(const struct am_upstream *up)
+{
+    return up->name;
+}
 
 void am_upstream_get_stats(const struct am_upstream *up, struct am_upstream_stats *out)
 {

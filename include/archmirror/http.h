@@ -30,5 +30,12 @@ const char *am_http_reason(int status);
 void am_http_date(char *out, size_t outlen);
 /* Parses a non-negative decimal (Content-Length) strictly; returns 0 or AM_EINVAL. */
 int am_http_parse_u64(const char *s, size_t len, uint64_t *out);
+/* Parses a Range header value (RFC 9110 §14.1.2) against a representation of size bytes:
+ * "bytes=N-", "bytes=N-M", "bytes=-SUFFIX". Returns 0 with [*start, *end) (end
+ * exclusive, clamped to size), AM_ERANGE when the range cannot be satisfied (answer 416),
+ * or AM_EINVAL when the value is malformed or asks for several ranges (RFC 9110 §14.2:
+ * the server then ignores it and sends the whole representation). */
+int am_http_parse_range(const char *s, size_t len, uint64_t size, uint64_t *start,
+                        uint64_t *end);
 
 #endif

@@ -5,7 +5,9 @@
  * Maps each /v2 request to an upstream (by ?ns= or the default), serves manifests and
  * indexes from the metastore (by digest: immutable; by tag: inside the freshness window
  * with no upstream contact, after it revalidated by one upstream HEAD, served stale when
- * the upstream fails), and streams blobs through with their digest checked on the way.
+ * the upstream fails), and serves blobs from the blob store, coalescing concurrent misses
+ * into one fetch (blobflight.h); what no stored or in-flight copy can answer is streamed
+ * through with its digest checked on the way.
  * It must never serve a byte that did not match its digest, never cache what failed
  * verification, never convert a manifest, and never proxy to a host that is not a
  * configured upstream.
@@ -15,17 +17,19 @@
 
 #include <uv.h>
 
+#include "archmirror/blobstore.h"
 #include "archmirror/config.h"
 #include "archmirror/httpserver.h"
 #include "archmirror/metastore.h"
 
 struct am_registry;
 
-/* cfg and ms are borrowed and must outlive the registry. Creates one upstream client per
- * configured upstream. Returns 0 with *out owned (am_registry_free), or an error with
- * msg filled. */
+/* cfg, ms and bs are borrowed and must outlive the registry; bs may be NULL (blobs are
+ * then only streamed through). Creates one upstream client per configured upstream.
+ * Returns 0 with *out owned (am_registry_free), or an error with msg filled. */
 int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_metastore *ms,
-                    struct am_registry **out, char *msg, size_t msglen);
+                    struct am_blobstore *bs, struct am_registry **out, char *msg,
+                    size_t msglen);
 /* The am_http_handler_fn for the server; ctx is the registry. */
 void am_registry_handle(void *ctx, struct am_http_exchange *ex);
 /* Frees the registry; upstream connections close asynchronously on the loop. Call only

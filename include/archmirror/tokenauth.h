@@ -18,11 +18,11 @@
 #include <stdint.h>
 
 #define AM_TOKENAUTH_DEFAULT_TTL_S 60    /* expires_in absent (spec: "defaults to 60") */
-#define AM_TOKENAUTH_MIN_TTL_S 60        /* spec: never less than 60 s to live */
-#define AM_TOKENAUTH_MAX_TTL_S 86400     /* longer claims are cut to a day */
-#define AM_TOKENAUTH_MARGIN_MS 10000     /* cached until expiry minus min(this, ttl/4) */
-#define AM_TOKENAUTH_MAX_ENTRIES 1024    /* scopes cached per upstream */
-#define AM_TOKENAUTH_MAX_TOKEN 16384     /* bytes; a longer token is refused */
+#define AM_TOKENAUTH_MIN_TTL_S     60    /* spec: never less than 60 s to live */
+#define AM_TOKENAUTH_MAX_TTL_S     86400 /* longer claims are cut to a day */
+#define AM_TOKENAUTH_MARGIN_MS     10000 /* cached until expiry minus min(this, ttl/4) */
+#define AM_TOKENAUTH_MAX_ENTRIES   1024  /* scopes cached per upstream */
+#define AM_TOKENAUTH_MAX_TOKEN     16384 /* bytes; a longer token is refused */
 
 /* Parses a token endpoint response body (borrowed). now_unix: the wall clock, seconds,
  * used with "issued_at" (RFC 3339) to shorten the lifetime of a token issued in the past;
@@ -60,15 +60,14 @@ bool am_tokenauth_fetching(const struct am_tokenauth *ta, const char *scope);
 /* Queues w (kept until its on_token or am_tokenauth_cancel) for scope's next token.
  * Returns 1 when no fetch was in flight: the caller must now fetch and call
  * am_tokenauth_finish; 0 when it joined a fetch in flight; AM_ENOMEM (w not queued). */
-int am_tokenauth_wait(struct am_tokenauth *ta, const char *scope,
-                      struct am_tokenauth_waiter *w);
+int am_tokenauth_wait(struct am_tokenauth *ta, const char *scope, struct am_tokenauth_waiter *w);
 /* Unlinks w if it is queued; no callback runs. */
 void am_tokenauth_cancel(struct am_tokenauth_waiter *w);
 /* Ends scope's fetch: on status 0, caches token (borrowed, copied) for ttl_ms from
  * now_ms (less the margin; not cached when that leaves nothing), then calls every
  * waiter's on_token with (status, token). Waiters may re-enter ta. */
-void am_tokenauth_finish(struct am_tokenauth *ta, const char *scope, int status,
-                         const char *token, uint64_t ttl_ms, uint64_t now_ms);
+void am_tokenauth_finish(struct am_tokenauth *ta, const char *scope, int status, const char *token,
+                         uint64_t ttl_ms, uint64_t now_ms);
 /* Forgets scope's cached token if it still equals token (the upstream rejected it), so
  * the next request fetches a fresh one. */
 void am_tokenauth_del(struct am_tokenauth *ta, const char *scope, const char *token);

@@ -35,8 +35,7 @@ static void falls_back_to_access_token(void **state)
 {
     char *tok, msg[256];
     uint64_t ttl;
-    assert_int_equal(parse("{\"access_token\":\"oauth2\",\"expires_in\":120}", &tok, &ttl, msg),
-                     0);
+    assert_int_equal(parse("{\"access_token\":\"oauth2\",\"expires_in\":120}", &tok, &ttl, msg), 0);
     assert_string_equal(tok, "oauth2");
     assert_int_equal(ttl, 120000);
     free(tok);
@@ -67,9 +66,9 @@ static void defaults_expires_in_to_60_seconds(void **state)
 static void ignores_nonpositive_or_nonnumeric_expires_in(void **state)
 {
     const char *docs[] = {
-        "{\"token\":\"t\",\"expires_in\":0}",     "{\"token\":\"t\",\"expires_in\":-5}",
+        "{\"token\":\"t\",\"expires_in\":0}",       "{\"token\":\"t\",\"expires_in\":-5}",
         "{\"token\":\"t\",\"expires_in\":\"300\"}", "{\"token\":\"t\",\"expires_in\":null}",
-        "{\"token\":\"t\",\"expires_in\":0.5}",   "{\"token\":\"t\",\"expires_in\":[1]}",
+        "{\"token\":\"t\",\"expires_in\":0.5}",     "{\"token\":\"t\",\"expires_in\":[1]}",
     };
     for (size_t i = 0; i < sizeof docs / sizeof docs[0]; i++) {
         char *tok, msg[256];

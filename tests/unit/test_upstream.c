@@ -41,8 +41,8 @@
 extern char **environ;
 
 #define REGISTRY_BIN "/usr/bin/docker-registry"
-#define OPENSSL_BIN "/usr/bin/openssl"
-#define BLOB_LEN (1024 * 1024 + 37)
+#define OPENSSL_BIN  "/usr/bin/openssl"
+#define BLOB_LEN     (1024 * 1024 + 37)
 
 static struct {
     char dir[512];
@@ -96,7 +96,8 @@ static int free_port(void)
 
 static int connect_loopback(int port)
 {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_port = htons((uint16_t)port),
                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     struct timeval tv = {.tv_sec = 10};
     int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -163,14 +164,19 @@ static bool head_value(const char *head, const char *name, char *out, size_t n)
     return false;
 }
 
+/* Each registry we start sends this header with G.dir as its value, so a port taken
+ * meanwhile by someone else's server is not mistaken for ours. */
+#define INSTANCE_HDR "X-Archmirror-Test"
+
 static bool wait_registry(int port, pid_t pid)
 {
-    char out[4096];
+    char out[4096], id[600];
     char req[128];
-    snprintf(req, sizeof req, "GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n",
-             port);
+    snprintf(req, sizeof req,
+             "GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n", port);
     for (int i = 0; i < 500; i++) {
-        if (blocking_http(port, req, NULL, 0, out, sizeof out) == 200) return true;
+        if (blocking_http(port, req, NULL, 0, out, sizeof out) == 200)
+            return head_value(out, INSTANCE_HDR, id, sizeof id) && strcmp(id, G.dir) == 0;
         if (waitpid(pid, NULL, WNOHANG) == pid) return false;
         struct timespec ts = {0, 20 * 1000 * 1000};
         nanosleep(&ts, NULL);
@@ -194,8 +200,7 @@ static bool wait_listening(int port, pid_t pid)
 }
 
 /* Monolithic push through the registry API: POST an upload, PUT it with ?digest=. */
-static bool push_blob(int port, const char *repo, const void *data, size_t len,
-                      struct am_digest *d)
+static bool push_blob(int port, const char *repo, const void *data, size_t len, struct am_digest *d)
 {
     char head[4096], out[8192], loc[2048];
     am_digest_of(AM_DIGEST_SHA256, data, len, d);
@@ -238,14 +243,30 @@ static bool make_certs(void)
     if (!write_file(ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
                          "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"))
         return false;
-    char *ca[] = {OPENSSL_BIN, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                  "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", ca_key, "-out", ca_crt,
-                  "-days", "2", "-subj", "/CN=archmirror test CA", NULL};
-    char *req[] = {OPENSSL_BIN, "req", "-new", "-newkey", "ec", "-pkeyopt",
-                   "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", csr,
-                   "-subj", "/CN=127.0.0.1", NULL};
-    char *sign[] = {OPENSSL_BIN, "x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key,
-                    "-CAcreateserial", "-out", crt, "-days", "2", "-extfile", ext, NULL};
+    char *ca[] = {OPENSSL_BIN,
+                  "req",
+                  "-x509",
+                  "-newkey",
+                  "ec",
+                  "-pkeyopt",
+                  "ec_paramgen_curve:prime256v1",
+                  "-nodes",
+                  "-keyout",
+                  ca_key,
+                  "-out",
+                  ca_crt,
+                  "-days",
+                  "2",
+                  "-subj",
+                  "/CN=archmirror test CA",
+                  NULL};
+    char *req[] = {
+        OPENSSL_BIN, "req",     "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes",    "-keyout", key,    "-out",    csr,  "-subj",    "/CN=127.0.0.1",
+        NULL};
+    char *sign[] = {
+        OPENSSL_BIN,       "x509", "-req", "-in",   csr, "-CA",      ca_crt, "-CAkey", ca_key,
+        "-CAcreateserial", "-out", crt,    "-days", "2", "-extfile", ext,    NULL};
     if (run(ca, log) != 0 || run(req, log) != 0 || run(sign, log) != 0) return false;
     /* Serve leaf + CA, so an untrusted chain reads "self-signed certificate in chain". */
     FILE *out = fopen(chain, "w");
@@ -274,13 +295,13 @@ static pid_t start_registry(const char *tag, int port, bool tls)
     snprintf(log, sizeof log, "%s/registry-%s.log", G.dir, tag);
     if (tls)
         snprintf(tlspart, sizeof tlspart,
-                 "  tls:\n    certificate: %s/srv-chain.crt\n    key: %s/srv.key\n", G.dir,
-                 G.dir);
+                 "  tls:\n    certificate: %s/srv-chain.crt\n    key: %s/srv.key\n", G.dir, G.dir);
     snprintf(text, sizeof text,
              "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
              "storage:\n  filesystem:\n    rootdirectory: %s/storage\n"
-             "http:\n  addr: 127.0.0.1:%d\n  secret: archmirror-test\n%s",
-             G.dir, port, tlspart);
+             "http:\n  addr: 127.0.0.1:%d\n  secret: archmirror-test\n"
+             "  headers:\n    " INSTANCE_HDR ": [\"%s\"]\n%s",
+             G.dir, port, G.dir, tlspart);
     if (!write_file(cfg, text)) return -1;
     char *argv[] = {REGISTRY_BIN, "serve", cfg, NULL};
     return spawn(argv, log);
@@ -312,6 +333,8 @@ static int mkdirs(const char *path)
     return mkdir(tmp, 0755) == 0 || errno == EEXIST ? 0 : -1;
 }
 
+static bool tls_registry_is_ours(void);
+
 static int group_setup(void **state)
 {
     if (getenv("AM_TEST_DEBUG")) am_log_set_level(AM_LOG_DEBUG);
@@ -333,9 +356,16 @@ static int group_setup(void **state)
     }
 
     if (access(REGISTRY_BIN, X_OK) != 0) return 0;
-    G.plain_port = free_port();
-    G.plain_pid = start_registry("plain", G.plain_port, false);
-    if (G.plain_pid < 0 || !wait_registry(G.plain_port, G.plain_pid)) {
+    /* A free port can be taken by another process before the registry binds it: then
+     * ours exits and the check meets a stranger; another port is tried. */
+    bool up = false;
+    for (int attempt = 0; attempt < 5 && !up; attempt++) {
+        stop(&G.plain_pid);
+        G.plain_port = free_port();
+        G.plain_pid = start_registry("plain", G.plain_port, false);
+        up = G.plain_pid > 0 && wait_registry(G.plain_port, G.plain_pid);
+    }
+    if (!up) {
         fprintf(stderr, "docker-registry did not start; see %s\n", G.dir);
         return -1;
     }
@@ -349,14 +379,18 @@ static int group_setup(void **state)
     G.have_registry = true;
 
     if (access(OPENSSL_BIN, X_OK) != 0 || !make_certs()) return 0;
-    G.tls_port = free_port();
-    G.tls_pid = start_registry("tls", G.tls_port, true);
-    if (G.tls_pid < 0 || !wait_listening(G.tls_port, G.tls_pid)) {
+    for (int attempt = 0; attempt < 5 && !G.have_tls; attempt++) {
+        stop(&G.tls_pid);
+        G.tls_port = free_port();
+        G.tls_pid = start_registry("tls", G.tls_port, true);
+        snprintf(G.tls_url, sizeof G.tls_url, "https://127.0.0.1:%d", G.tls_port);
+        G.have_tls =
+            G.tls_pid > 0 && wait_listening(G.tls_port, G.tls_pid) && tls_registry_is_ours();
+    }
+    if (!G.have_tls) {
         fprintf(stderr, "docker-registry with TLS did not start; see %s\n", G.dir);
         return -1;
     }
-    snprintf(G.tls_url, sizeof G.tls_url, "https://127.0.0.1:%d", G.tls_port);
-    G.have_tls = true;
     return 0;
 }
 
@@ -386,14 +420,19 @@ struct res {
     bool cb_after_done;
     bool cancel_on_first_body;
     bool pause_on_body;
+    bool pause_on_head;
+    bool free_on_body; /* am_upstream_free(up) from inside on_body */
+    struct am_upstream *up;
     bool auto_resume; /* resume from r->resumer (initialised by the test) */
     bool paused;
     int pauses;
     bool body_while_paused;
     uv_idle_t resumer;
-    const char *grab;  /* a response header to copy into grabbed */
+    const char *grab; /* a response header to copy into grabbed */
     char grabbed[256];
 };
+
+static void on_resume_idle(uv_idle_t *h);
 
 static void on_head(void *arg, const struct am_upstream_response *resp)
 {
@@ -407,9 +446,13 @@ static void on_head(void *arg, const struct am_upstream_response *resp)
     if (h) snprintf(r->api, sizeof r->api, "%.*s", (int)h->value_len, h->value);
     if (r->grab && (h = am_http_header_find(resp->headers, resp->n_headers, r->grab)))
         snprintf(r->grabbed, sizeof r->grabbed, "[%.*s]", (int)h->value_len, h->value);
+    if (r->pause_on_head) {
+        am_upstream_req_pause(r->req);
+        r->paused = true;
+        r->pauses++;
+        if (r->auto_resume) uv_idle_start(&r->resumer, on_resume_idle);
+    }
 }
-
-static void on_resume_idle(uv_idle_t *h);
 
 static void on_body(void *arg, const char *data, size_t len)
 {
@@ -425,6 +468,11 @@ static void on_body(void *arg, const char *data, size_t len)
     if (r->hashing) am_hasher_update(&r->hasher, data, len);
     if (r->cancel_on_first_body) {
         am_upstream_req_cancel(r->req);
+        return;
+    }
+    if (r->free_on_body) {
+        r->free_on_body = false;
+        am_upstream_free(r->up);
         return;
     }
     if (r->pause_on_body) {
@@ -495,12 +543,18 @@ static void run_until(uv_loop_t *loop, const int *counter, int target)
         if (uv_run(loop, UV_RUN_ONCE) == 0 && *counter < target) fail_msg("the loop ran dry");
 }
 
-static void wait_done(uv_loop_t *loop, struct res *r) { run_until(loop, &r->dones, 1); }
+static void wait_done(uv_loop_t *loop, struct res *r)
+{
+    run_until(loop, &r->dones, 1);
+}
 
 static struct am_upstream_opts default_opts(void)
 {
-    struct am_upstream_opts o = {.connect_timeout_ms = 10000, .header_timeout_ms = 10000,
-                                 .idle_timeout_ms = 10000, .pool_size = 4, .max_redirects = 5};
+    struct am_upstream_opts o = {.connect_timeout_ms = 10000,
+                                 .header_timeout_ms = 10000,
+                                 .idle_timeout_ms = 10000,
+                                 .pool_size = 4,
+                                 .max_redirects = 5};
     return o;
 }
 
@@ -508,8 +562,11 @@ static struct am_upstream *new_up(uv_loop_t *loop, const char *url, const char *
                                   const char *user, const char *pass,
                                   const struct am_upstream_opts *opts)
 {
-    struct am_upstream_conf conf = {.name = "test", .url = (char *)url, .ca_file = (char *)ca,
-                                    .insecure = insecure, .username = (char *)user,
+    struct am_upstream_conf conf = {.name = "test",
+                                    .url = (char *)url,
+                                    .ca_file = (char *)ca,
+                                    .insecure = insecure,
+                                    .username = (char *)user,
                                     .password = (char *)pass};
     struct am_upstream_opts o = opts ? *opts : default_opts();
     struct am_upstream *up = NULL;
@@ -547,6 +604,25 @@ static struct am_upstream_stats stats_of(const struct am_upstream *up)
     return s;
 }
 
+/* GET /v2/ through the client under test: the TLS registry answers, with our header. */
+static bool tls_registry_is_ours(void)
+{
+    uv_loop_t loop;
+    struct res r;
+    char want[620];
+    uv_loop_init(&loop);
+    struct am_upstream *up = new_up(&loop, G.tls_url, G.ca_file, false, NULL, NULL, NULL);
+    res_init(&r);
+    r.grab = INSTANCE_HDR;
+    start(up, &r, "GET", "/v2/");
+    wait_done(&loop, &r);
+    am_upstream_free(up);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uv_loop_close(&loop);
+    snprintf(want, sizeof want, "[%s]", G.dir);
+    return r.done_status == 0 && r.status == 200 && strcmp(r.grabbed, want) == 0;
+}
+
 /* --- fake servers --------------------------------------------------------------------------- */
 
 struct fake;
@@ -580,6 +656,8 @@ struct fake {
     int peer_port;
     const char *token_value;
     bool token_fail;
+    bool token_hold;    /* keep the token request unanswered ... */
+    struct fconn *held; /* ... on this connection, until fake_release_token */
     int tokens, unauth, authed;
     char token_query[4096], token_auth[512], peer_auth[512];
     char last_head[8192];
@@ -621,7 +699,10 @@ static void fake_end(struct fconn *fc)
     if (uv_shutdown(&fc->shut, (uv_stream_t *)&fc->tcp, fake_on_shutdown)) fake_drop(fc);
 }
 
-static void fake_on_write(uv_write_t *w, int status) { free(w); }
+static void fake_on_write(uv_write_t *w, int status)
+{
+    free(w);
+}
 
 static void fake_send(struct fconn *fc, const char *data, size_t len)
 {
@@ -634,7 +715,8 @@ static void fake_send(struct fconn *fc, const char *data, size_t len)
     assert_int_equal(uv_write(w, (uv_stream_t *)&fc->tcp, &b, 1, fake_on_write), 0);
 }
 
-static void fake_sendf(struct fconn *fc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void fake_sendf(struct fconn *fc, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 static void fake_sendf(struct fconn *fc, const char *fmt, ...)
 {
     char *s = NULL;
@@ -816,8 +898,9 @@ static void h_basic_redirect(struct fake *f, struct fconn *fc, const struct freq
     } else if (strncmp(rq->path, "/v2/final", 9) == 0) {
         fake_sendf(fc, "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsame-site");
     } else {
-        fake_sendf(fc, "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:%d/final\r\n"
-                       "Content-Length: 3\r\n\r\nbye",
+        fake_sendf(fc,
+                   "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:%d/final\r\n"
+                   "Content-Length: 3\r\n\r\nbye",
                    f->peer_port);
     }
 }
@@ -835,9 +918,19 @@ static void h_loop(struct fake *f, struct fconn *fc, const struct freq *rq)
 
 static void h_to_loopback(struct fake *f, struct fconn *fc, const struct freq *rq)
 {
-    fake_sendf(fc, "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:%d/final\r\n"
-                   "Content-Length: 0\r\n\r\n",
+    fake_sendf(fc,
+               "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:%d/final\r\n"
+               "Content-Length: 0\r\n\r\n",
                f->peer_port);
+}
+
+static void fake_send_token(struct fake *f, struct fconn *fc)
+{
+    char body[256];
+    int n = snprintf(body, sizeof body, "{\"token\":\"%s\",\"expires_in\":300}", f->token_value);
+    fake_sendf(fc,
+               "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+               n, body);
 }
 
 /* A registry behind token auth, its token endpoint at /token on the same server. */
@@ -853,34 +946,37 @@ static void h_bearer(struct fake *f, struct fconn *fc, const struct freq *rq)
             fake_sendf(fc, "HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n");
             return;
         }
-        char body[256];
-        int n = snprintf(body, sizeof body, "{\"token\":\"%s\",\"expires_in\":300}", f->token_value);
-        fake_sendf(fc, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
-                   n, body);
+        if (f->token_hold) {
+            f->held = fc;
+            return;
+        }
+        fake_send_token(f, fc);
         return;
     }
+    bool head = strcmp(rq->method, "HEAD") == 0; /* same head, no body (RFC 9110 §9.3.2) */
     if (strcmp(auth, "Bearer tok-1") == 0) {
         f->authed++;
-        fake_sendf(fc, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret");
+        fake_sendf(fc, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n%s", head ? "" : "secret");
         return;
     }
     f->unauth++;
     snprintf(want, sizeof want, "http://127.0.0.1:%d/token", f->port);
-    fake_sendf(fc, "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
-                   "WWW-Authenticate: Bearer realm=\"%s\",service=\"fake-registry\","
-                   "scope=\"repository:t:pull\"\r\nContent-Length: 2\r\n\r\n{}",
-               want);
+    fake_sendf(fc,
+               "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+               "WWW-Authenticate: Bearer realm=\"%s\",service=\"fake-registry\","
+               "scope=\"repository:t:pull\"\r\nContent-Length: 2\r\n\r\n%s",
+               want, head ? "" : "{}");
 }
 
 /* --- tests against the real registry ------------------------------------------------------- */
 
-#define NEED_REGISTRY()                                                                    \
-    do {                                                                                   \
-        if (!G.have_registry) skip();                                                      \
+#define NEED_REGISTRY()                                                                            \
+    do {                                                                                           \
+        if (!G.have_registry) skip();                                                              \
     } while (0)
-#define NEED_TLS()                                                                         \
-    do {                                                                                   \
-        if (!G.have_tls) skip();                                                           \
+#define NEED_TLS()                                                                                 \
+    do {                                                                                           \
+        if (!G.have_tls) skip();                                                                   \
     } while (0)
 
 static void gets_v2_with_the_api_version_header(void **state)
@@ -1384,7 +1480,7 @@ static void retries_once_when_a_pooled_connection_was_closed(void **state)
         assert_string_equal(r.body, "one");
     }
     struct am_upstream_stats s = stats_of(up);
-    assert_int_equal(s.requests, 3);    /* the second went twice */
+    assert_int_equal(s.requests, 3); /* the second went twice */
     assert_int_equal(s.connections, 2);
     assert_int_equal(f.requests, 3);
     fake_stop(&f);
@@ -1676,8 +1772,8 @@ static void rejects_bad_configuration(void **state)
     struct am_upstream_opts o = default_opts();
     char msg[256];
     uv_loop_init(&loop);
-    const char *urls[] = {"ftp://x", "http://", "http://a:0", "http://a:99999", "http://u@h",
-                          "http://h/path", "http://[::1", "http://bad host"};
+    const char *urls[] = {"ftp://x",    "http://",       "http://a:0",  "http://a:99999",
+                          "http://u@h", "http://h/path", "http://[::1", "http://bad host"};
     for (size_t i = 0; i < sizeof urls / sizeof urls[0]; i++) {
         struct am_upstream_conf c = {.name = "x", .url = (char *)urls[i]};
         assert_int_equal(am_upstream_new(&loop, &c, &o, &up, msg, sizeof msg), AM_ECONFIG);
@@ -1711,6 +1807,133 @@ static void trims_header_values(void **state)
     finish(&loop, up);
 }
 
+static void pauses_from_on_head_before_any_body_byte(void **state)
+{
+    NEED_REGISTRY();
+    uv_loop_t loop;
+    struct res r;
+    char path[256];
+    uv_loop_init(&loop);
+    struct am_upstream *up = new_up(&loop, G.plain_url, NULL, false, NULL, NULL, NULL);
+    res_init(&r);
+    res_hash(&r);
+    r.pause_on_head = true;
+    r.auto_resume = true;
+    uv_idle_init(&loop, &r.resumer);
+    r.resumer.data = &r;
+    snprintf(path, sizeof path, "/v2/t/blobs/%s", G.blob_digest);
+    start(up, &r, "GET", path);
+    wait_done(&loop, &r);
+    assert_int_equal(r.pauses, 1);
+    assert_false(r.body_while_paused);
+    assert_int_equal(r.done_status, 0);
+    assert_int_equal(r.body_len, BLOB_LEN);
+    res_check_digest(&r, G.blob_digest);
+    uv_close((uv_handle_t *)&r.resumer, NULL);
+    finish(&loop, up);
+}
+
+static void frees_the_upstream_from_inside_a_callback(void **state)
+{
+    NEED_REGISTRY();
+    uv_loop_t loop;
+    struct res r, other;
+    char path[256];
+    uv_loop_init(&loop);
+    struct am_upstream *up = new_up(&loop, G.plain_url, NULL, false, NULL, NULL, NULL);
+    res_init(&r);
+    res_init(&other);
+    r.free_on_body = true;
+    r.up = up;
+    other.pause_on_head = true; /* never resumed: still in flight when r frees */
+    snprintf(path, sizeof path, "/v2/t/blobs/%s", G.blob_digest);
+    start(up, &other, "GET", path);
+    run_until(&loop, &other.heads, 1);
+    start(up, &r, "GET", path);
+    run_until(&loop, &r.dones, 1);
+    /* Both end with ECANCELED, once, and nothing arrives after. */
+    assert_int_equal(r.done_status, AM_ECANCELED);
+    assert_int_equal(other.dones, 1);
+    assert_int_equal(other.done_status, AM_ECANCELED);
+    int bodies = r.bodies;
+    drain(&loop);
+    assert_int_equal(r.bodies, bodies);
+    assert_int_equal(r.dones, 1);
+    assert_false(r.cb_after_done);
+    assert_false(other.cb_after_done);
+}
+
+static void frees_the_upstream_while_resolving(void **state)
+{
+    uv_loop_t loop;
+    struct res r;
+    uv_loop_init(&loop);
+    struct am_upstream *up = new_up(&loop, "http://localhost:9", NULL, false, NULL, NULL, NULL);
+    res_init(&r);
+    start(up, &r, "GET", "/v2/");
+    am_upstream_free(up); /* the getaddrinfo is cancelled or its answer dropped */
+    assert_int_equal(r.done_status, AM_ECANCELED);
+    drain(&loop);
+    assert_int_equal(r.dones, 1);
+}
+
+static void joins_a_token_fetch_in_flight_without_a_401(void **state)
+{
+    uv_loop_t loop;
+    struct fake f;
+    struct res a, b;
+    char url[64];
+    uv_loop_init(&loop);
+    fake_start(&loop, &f, h_bearer);
+    f.token_hold = true;
+    fake_url(&f, url, sizeof url);
+    struct am_upstream *up = new_up(&loop, url, NULL, false, NULL, NULL, NULL);
+    res_init(&a);
+    res_init(&b);
+    start_full(up, &a, "GET", "/v2/t/manifests/a", NULL, NULL, "repository:t:pull");
+    run_until(&loop, &f.tokens, 1);
+    /* The token request is in flight: b waits for it instead of collecting a 401. */
+    start_full(up, &b, "HEAD", "/v2/t/manifests/b", NULL, NULL, "repository:t:pull");
+    for (int i = 0; i < 5; i++) uv_run(&loop, UV_RUN_NOWAIT);
+    assert_int_equal(f.requests, 2); /* a's 401 and the token request */
+    fake_send_token(&f, f.held);
+    wait_done(&loop, &a);
+    wait_done(&loop, &b);
+    assert_int_equal(a.status, 200);
+    assert_string_equal(a.body, "secret");
+    assert_int_equal(b.status, 200);
+    assert_int_equal(b.content_length, 6);
+    assert_int_equal(b.bodies, 0);
+    assert_int_equal(f.unauth, 1);
+    assert_int_equal(f.tokens, 1);
+    assert_int_equal(f.authed, 2);
+    fake_stop(&f);
+    finish(&loop, up);
+}
+
+static void runs_the_token_flow_for_head(void **state)
+{
+    uv_loop_t loop;
+    struct fake f;
+    struct res r;
+    char url[64];
+    uv_loop_init(&loop);
+    fake_start(&loop, &f, h_bearer);
+    fake_url(&f, url, sizeof url);
+    struct am_upstream *up = new_up(&loop, url, NULL, false, NULL, NULL, NULL);
+    res_init(&r);
+    start_full(up, &r, "HEAD", "/v2/t/manifests/latest", NULL, NULL, "repository:t:pull");
+    wait_done(&loop, &r);
+    assert_int_equal(r.done_status, 0);
+    assert_int_equal(r.status, 200);
+    assert_int_equal(r.bodies, 0);
+    assert_int_equal(f.unauth, 1);
+    assert_int_equal(f.tokens, 1);
+    assert_int_equal(stats_of(up).connections, 1); /* 401, token and retry on one */
+    fake_stop(&f);
+    finish(&loop, up);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1723,6 +1946,9 @@ int main(void)
         cmocka_unit_test(pauses_and_resumes_a_blob_body),
         cmocka_unit_test(cancels_in_the_middle_of_a_body),
         cmocka_unit_test(free_cancels_requests_in_flight),
+        cmocka_unit_test(pauses_from_on_head_before_any_body_byte),
+        cmocka_unit_test(frees_the_upstream_from_inside_a_callback),
+        cmocka_unit_test(frees_the_upstream_while_resolving),
         cmocka_unit_test(tls_verifies_the_registry_with_the_configured_ca),
         cmocka_unit_test(tls_streams_a_blob_with_pauses),
         cmocka_unit_test(tls_refuses_a_certificate_the_system_store_does_not_trust),
@@ -1747,6 +1973,8 @@ int main(void)
         cmocka_unit_test(fetches_one_token_for_concurrent_requests),
         cmocka_unit_test(delivers_the_401_when_the_token_is_refused),
         cmocka_unit_test(reports_unauthorized_when_the_token_endpoint_fails),
+        cmocka_unit_test(joins_a_token_fetch_in_flight_without_a_401),
+        cmocka_unit_test(runs_the_token_flow_for_head),
         cmocka_unit_test(rejects_invalid_requests_without_callbacks),
         cmocka_unit_test(rejects_bad_configuration),
     };

@@ -1,0 +1,631 @@
+/*
+ * blobflight — one upstream fetch per blob, streamed to every waiter; hits from the store.
+ * See include/archmirror/blobflight.h.
+ *
+ * DESIGN. A `flight` owns the upstream request and the store writer of one digest; a
+ * `waiter` is one client response. A waiter is either LIVE (it has sent every byte the
+ * flight received, and is written each new chunk as it arrives) or reads the file (the
+ * flight's temp file through a dup'ed fd, or the committed blob) at its own offset on
+ * the thread pool. A LIVE waiter whose socket backs up (queued bytes above HIGH_WATER)
+ * drops to file mode, and a file-mode waiter that catches up with the flight goes LIVE
+ * again, so the fetch never waits for anyone. Every waiter may send at most end-1 bytes
+ * until the store verified the blob (size, digest, fsync, rename); only then does it send
+ * its last byte, from the file. The fetch itself is paused only when the disk falls
+ * behind the network by more than DISK_LAG_MAX bytes, which bounds memory.
+ */
+#include "archmirror/blobflight.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "archmirror/error.h"
+#include "archmirror/http.h"
+#include "archmirror/log.h"
+
+#define READ_CHUNK (256u * 1024)
+#define HIGH_WATER (1u << 20)
+#define DISK_LAG_MAX (16u << 20)
+#define DISK_LAG_RESUME (4u << 20)
+
+struct flight;
+
+struct waiter {
+    struct waiter *prev, *next; /* in the flight's list while attached */
+    struct am_blobflights *bf;
+    struct flight *fl;                  /* NULL when not (or no longer) attached */
+    struct am_http_exchange *ex;        /* NULL once the response has ended */
+    struct am_blobstore_reader *reader; /* owned: a committed blob being read, or NULL */
+    uv_file fd;                         /* -1: none yet */
+    bool own_fd;                        /* fd is a dup of the temp file, closed by us */
+    uint64_t pos, end;                  /* next byte to send; end exclusive */
+    bool verified;                      /* the blob is committed: the last byte may go */
+    bool live;
+    bool reading; /* req is in flight; the waiter is freed in its callback */
+    bool dead;    /* ended while reading */
+    bool head_sent;
+    int status;   /* 200 or 206 */
+    struct am_digest digest;
+    uv_fs_t req;
+    char *buf; /* owned, READ_CHUNK bytes, allocated at the first file read */
+};
+
+struct flight {
+    struct flight *prev, *next;
+    struct am_blobflights *bf;
+    struct am_digest digest;
+    struct am_upstream_req *ureq;          /* NULL once done or cancelled */
+    struct am_blobstore_writer *writer;    /* NULL once committed or aborted */
+    struct waiter *waiters;
+    bool got_head;
+    int status;
+    int64_t size; /* Content-Length of the upstream's 200, -1 unknown */
+    char retry_after[32];
+    uint64_t received; /* bytes appended to the writer */
+    uint64_t written;  /* bytes in the temp file */
+    bool paused;
+    bool committing;
+    bool orphan; /* failed or cancelled while committing: on_commit only frees it */
+};
+
+struct am_blobflights {
+    uv_loop_t *loop;
+    struct am_blobstore *bs;
+    struct flight *flights;
+    struct am_blobflight_stats stats;
+};
+
+static struct am_http_header hdr(const char *name, const char *value)
+{
+    struct am_http_header h = {name, strlen(name), value, strlen(value)};
+    return h;
+}
+
+/* --- waiters ------------------------------------------------------------------------- */
+
+static void waiter_detach(struct waiter *w)
+{
+    struct flight *fl = w->fl;
+    if (!fl) return;
+    if (w->prev) w->prev->next = w->next;
+    else fl->waiters = w->next;
+    if (w->next) w->next->prev = w->prev;
+    w->prev = w->next = NULL;
+    w->fl = NULL;
+}
+
+/* Frees w now, or marks it so that its pending read frees it. */
+static void waiter_free(struct waiter *w)
+{
+    waiter_detach(w);
+    w->ex = NULL;
+    if (w->reading) {
+        w->dead = true;
+        return;
+    }
+    if (w->own_fd && w->fd >= 0) {
+        uv_fs_t req;
+        uv_fs_close(w->bf->loop, &req, w->fd, NULL); /* close(2) of a read fd: no I/O wait */
+        uv_fs_req_cleanup(&req);
+    }
+    am_blobstore_close_reader(w->reader);
+    free(w->buf);
+    free(w);
+}
+
+static void waiter_fail(struct waiter *w, int err, const char *retry_after)
+{
+    if (w->ex) {
+        if (w->head_sent) {
+            am_http_abort(w->ex);
+        } else if (err == AM_ETOOMANYREQUESTS && retry_after && retry_after[0]) {
+            struct am_http_header h[] = {hdr("Docker-Distribution-API-Version", "registry/2.0"),
+                                         hdr("Retry-After", retry_after)};
+            am_http_respond_error(w->ex, err, NULL, NULL, h, 2);
+        } else {
+            struct am_http_header h[] = {hdr("Docker-Distribution-API-Version", "registry/2.0")};
+            am_http_respond_error(w->ex, err, NULL, NULL, h, 1);
+        }
+    }
+    waiter_free(w);
+}
+
+static void on_waiter_gone(void *arg)
+{
+    struct waiter *w = arg;
+    w->ex = NULL;
+    waiter_free(w);
+}
+
+static void waiter_pump(struct waiter *w);
+static void on_waiter_drain(void *arg) { waiter_pump(arg); }
+
+static struct waiter *waiter_new(struct am_blobflights *bf, struct am_http_exchange *ex,
+                                 const struct am_digest *digest)
+{
+    struct waiter *w = calloc(1, sizeof *w);
+    if (!w) return NULL;
+    w->bf = bf;
+    w->digest = *digest;
+    w->ex = ex;
+    w->fd = -1;
+    w->status = 200;
+    am_http_set_callbacks(ex, on_waiter_drain, on_waiter_gone, w);
+    return w;
+}
+
+/* Sends the response head for a blob of size bytes (w->end/pos/status already set). */
+static int waiter_send_head(struct waiter *w, uint64_t size, const char *cache_state)
+{
+    char crange[96];
+    struct am_http_header h[7];
+    size_t n = 0;
+    h[n++] = hdr("Content-Type", "application/octet-stream");
+    h[n++] = hdr("Docker-Content-Digest", w->digest.str);
+    h[n++] = hdr("Accept-Ranges", "bytes");
+    h[n++] = hdr("Docker-Distribution-API-Version", "registry/2.0");
+    h[n++] = hdr("X-Archmirror-Cache", cache_state);
+    if (w->status == 206) {
+        snprintf(crange, sizeof crange, "bytes %llu-%llu/%llu", (unsigned long long)w->pos,
+                 (unsigned long long)(w->end - 1), (unsigned long long)size);
+        h[n++] = hdr("Content-Range", crange);
+    }
+    return am_http_start(w->ex, w->status, NULL, h, n, w->end - w->pos);
+}
+
+/* How far w may send now: what its source holds, minus the held-back last byte. */
+static uint64_t waiter_limit(const struct waiter *w)
+{
+    uint64_t cap = w->verified || w->end == 0 ? w->end : w->end - 1;
+    uint64_t avail = w->fl ? w->fl->written : w->end;
+    return avail < cap ? avail : cap;
+}
+
+static void on_file_read(uv_fs_t *req)
+{
+    struct waiter *w = req->data;
+    ssize_t n = req->result;
+    uv_fs_req_cleanup(req);
+    w->reading = false;
+    if (w->dead) {
+        waiter_free(w);
+        return;
+    }
+    if (n <= 0) {
+        AM_WARN("blob read at %llu failed: %s", (unsigned long long)w->pos,
+                n == 0 ? "unexpected end of file" : uv_strerror((int)n));
+        waiter_fail(w, AM_EIO, NULL);
+        return;
+    }
+    if (am_http_write(w->ex, w->buf, (size_t)n) != 0) return; /* on_gone follows */
+    w->pos += (uint64_t)n;
+    waiter_pump(w);
+}
+
+/* Moves w forward in file mode: ends it, goes LIVE, or reads the next piece. */
+static void waiter_pump(struct waiter *w)
+{
+    if (!w->ex || w->reading || w->live || !w->head_sent) return;
+    if (w->pos >= w->end) {
+        struct am_http_exchange *ex = w->ex;
+        w->ex = NULL;
+        am_http_end(ex);
+        waiter_free(w);
+        return;
+    }
+    if (am_http_queued(w->ex) >= HIGH_WATER) return; /* on_drain brings us back */
+    if (w->fl && w->pos == w->fl->received) {
+        w->live = true; /* caught up: follow the fetch */
+        return;
+    }
+    uint64_t lim = waiter_limit(w);
+    if (w->pos >= lim) return; /* more is on its way: on_written or the commit */
+    if (w->fd < 0) {
+        int rc = w->fl ? am_blobstore_writer_open_reader(w->fl->writer, &w->fd) : AM_EINVAL;
+        if (rc == AM_EUNAVAILABLE) return; /* the temp file is not created yet */
+        if (rc) {
+            waiter_fail(w, rc, NULL);
+            return;
+        }
+        w->own_fd = true;
+    }
+    if (!w->buf && !(w->buf = malloc(READ_CHUNK))) {
+        waiter_fail(w, AM_ENOMEM, NULL);
+        return;
+    }
+    uint64_t want = lim - w->pos;
+    uv_buf_t b = uv_buf_init(w->buf, want < READ_CHUNK ? (unsigned)want : READ_CHUNK);
+    w->req.data = w;
+    int rc = uv_fs_read(w->bf->loop, &w->req, w->fd, &b, 1, (int64_t)w->pos, on_file_read);
+    if (rc) {
+        waiter_fail(w, am_error_from_uv(rc), NULL);
+        return;
+    }
+    w->reading = true;
+}
+
+/* --- flights ------------------------------------------------------------------------- */
+
+static struct flight *flight_find(struct am_blobflights *bf, const struct am_digest *d)
+{
+    for (struct flight *fl = bf->flights; fl; fl = fl->next)
+        if (am_digest_equal(&fl->digest, d)) return fl;
+    return NULL;
+}
+
+static void flight_unlink(struct flight *fl)
+{
+    struct am_blobflights *bf = fl->bf;
+    if (fl->prev) fl->prev->next = fl->next;
+    else if (bf->flights == fl) bf->flights = fl->next;
+    if (fl->next) fl->next->prev = fl->prev;
+    fl->prev = fl->next = NULL;
+    bf->stats.active--;
+}
+
+/* Ends a fetch that cannot complete: every waiter's response is aborted (or answered
+ * with err if it has not started), the temp file goes, and the next request starts over. */
+static void flight_fail(struct flight *fl, int err)
+{
+    struct am_blobflights *bf = fl->bf;
+    if (err == AM_EDIGEST_MISMATCH)
+        AM_ERROR("blob %s: upstream bytes do not match the digest; %s", fl->digest.str,
+                 "every waiting response aborted, nothing cached");
+    else if (err != AM_ECANCELED)
+        AM_WARN("blob %s: fetch failed after %llu bytes: %s", fl->digest.str,
+                (unsigned long long)fl->received, am_error_message(err));
+    bf->stats.failed++;
+    flight_unlink(fl);
+    while (fl->waiters) waiter_fail(fl->waiters, err, fl->retry_after);
+    if (fl->ureq) {
+        am_upstream_req_cancel(fl->ureq);
+        fl->ureq = NULL;
+    }
+    if (fl->committing) {
+        /* The store still owns the writer and will call on_commit: free the flight there. */
+        fl->orphan = true;
+        fl->bf = NULL;
+        return;
+    }
+    if (fl->writer) am_blobstore_writer_abort(fl->writer);
+    free(fl);
+}
+
+static void on_commit(void *arg, int status)
+{
+    struct flight *fl = arg;
+    fl->writer = NULL; /* the store freed it before calling us */
+    if (fl->orphan) {
+        free(fl);
+        return;
+    }
+    if (status) {
+        fl->committing = false;
+        flight_fail(fl, status);
+        return;
+    }
+    AM_DEBUG("blob %s: cached (%llu bytes)", fl->digest.str, (unsigned long long)fl->received);
+    flight_unlink(fl);
+    /* Verified: every waiter may now finish, reading its remaining bytes from the file. */
+    while (fl->waiters) {
+        struct waiter *w = fl->waiters;
+        waiter_detach(w);
+        w->verified = true;
+        w->live = false;
+        if (!w->head_sent) {
+            /* Only an empty blob gets here: its head waited for the verification. */
+            w->end = fl->received;
+            if (waiter_send_head(w, w->end, "miss") != 0) {
+                waiter_free(w);
+                continue;
+            }
+            w->head_sent = true;
+        }
+        if (w->fd < 0 && am_blobstore_open(fl->bf->bs, &fl->digest, &w->reader) == 0)
+            w->fd = am_blobstore_reader_fd(w->reader);
+        if (w->fd < 0 && w->pos < w->end) {
+            waiter_fail(w, AM_ESTORE, NULL);
+            continue;
+        }
+        waiter_pump(w);
+    }
+    free(fl);
+}
+
+static void on_written(void *arg, uint64_t written, int status)
+{
+    struct flight *fl = arg;
+    fl->written = written;
+    if (status && !fl->committing) {
+        flight_fail(fl, status);
+        return;
+    }
+    if (fl->paused && fl->ureq && fl->received - written < DISK_LAG_RESUME) {
+        fl->paused = false;
+        am_upstream_req_resume(fl->ureq);
+    }
+    for (struct waiter *w = fl->waiters, *next; w; w = next) {
+        next = w->next; /* pump may end and free w */
+        if (!w->live) waiter_pump(w);
+    }
+}
+
+static void on_up_head(void *arg, const struct am_upstream_response *r)
+{
+    struct flight *fl = arg;
+    fl->got_head = true;
+    fl->status = r->status;
+    fl->size = r->content_length;
+    const struct am_http_header *h = am_http_header_find(r->headers, r->n_headers, "retry-after");
+    if (h) {
+        size_t n = h->value_len < sizeof fl->retry_after - 1 ? h->value_len
+                                                              : sizeof fl->retry_after - 1;
+        memcpy(fl->retry_after, h->value, n);
+        fl->retry_after[n] = '\0';
+    }
+    /* Errors are answered in on_done; an empty blob's head waits for its verification. */
+    if (r->status != 200 || r->content_length <= 0) return;
+    for (struct waiter *w = fl->waiters, *next; w; w = next) {
+        next = w->next;
+        w->end = (uint64_t)r->content_length;
+        w->live = true;
+        if (waiter_send_head(w, w->end, "miss") == 0) w->head_sent = true;
+        else waiter_free(w);
+    }
+}
+
+static void on_up_body(void *arg, const char *data, size_t len)
+{
+    struct flight *fl = arg;
+    if (fl->status != 200 || fl->size < 0) return; /* an error body: dropped */
+    uint64_t off = fl->received;
+    int rc = am_blobstore_writer_append(fl->writer, data, len);
+    if (rc) {
+        flight_fail(fl, rc);
+        return;
+    }
+    for (struct waiter *w = fl->waiters; w; w = w->next) {
+        if (!w->live || !w->ex || w->pos != off) continue;
+        uint64_t cap = w->end - 1; /* not verified yet */
+        uint64_t stop = off + len < cap ? off + len : cap;
+        if (stop > w->pos && am_http_write(w->ex, data + (w->pos - off), stop - w->pos) == 0)
+            w->pos = stop;
+        if (w->ex && am_http_queued(w->ex) >= HIGH_WATER) w->live = false;
+    }
+    fl->received += len;
+    /* A live waiter that stopped short of the chunk (its last byte is held) reads later. */
+    for (struct waiter *w = fl->waiters; w; w = w->next)
+        if (w->live && w->pos != fl->received) w->live = false;
+    if (!fl->paused && fl->received - fl->written > DISK_LAG_MAX) {
+        fl->paused = true;
+        am_upstream_req_pause(fl->ureq);
+    }
+}
+
+static int error_for_status(int status)
+{
+    switch (status) {
+    case 401: return AM_EUNAUTHORIZED;
+    case 403: return AM_EDENIED;
+    case 404: return AM_EBLOB_UNKNOWN;
+    case 429: return AM_ETOOMANYREQUESTS;
+    case 504: return AM_EUPSTREAM_TIMEOUT;
+    default: return AM_EUPSTREAM;
+    }
+}
+
+static void on_up_done(void *arg, int err)
+{
+    struct flight *fl = arg;
+    fl->ureq = NULL;
+    if (err) {
+        flight_fail(fl, err);
+    } else if (!fl->got_head) {
+        flight_fail(fl, AM_EUPSTREAM_PROTOCOL);
+    } else if (fl->status != 200) {
+        flight_fail(fl, error_for_status(fl->status));
+    } else if (fl->size < 0 || fl->received != (uint64_t)fl->size) {
+        flight_fail(fl, AM_EUPSTREAM_PROTOCOL);
+    } else {
+        fl->committing = true;
+        if (am_blobstore_writer_commit(fl->writer, on_commit, fl) != 0) {
+            fl->committing = false;
+            flight_fail(fl, AM_ESTORE);
+        }
+    }
+}
+
+static const struct am_upstream_cbs flight_cbs = {on_up_head, on_up_body, on_up_done};
+
+/* --- serving ------------------------------------------------------------------------- */
+
+/* Answers a Range that cannot be satisfied (RFC 9110 §15.5.17). */
+static void respond_416(struct am_http_exchange *ex, uint64_t size)
+{
+    char crange[48];
+    snprintf(crange, sizeof crange, "bytes */%llu", (unsigned long long)size);
+    struct am_http_header h[] = {hdr("Docker-Distribution-API-Version", "registry/2.0"),
+                                 hdr("Content-Range", crange)};
+    am_http_respond_error(ex, AM_ERANGE, NULL, NULL, h, 2);
+}
+
+/* Applies the request's Range to a blob of size bytes. Returns 0 (w->pos/end/status
+ * set), or AM_ERANGE (416 answered). A malformed Range is ignored (RFC 9110 §14.2). */
+static int apply_range(struct waiter *w, const char *range, size_t rlen, uint64_t size)
+{
+    uint64_t a, b;
+    w->pos = 0;
+    w->end = size;
+    w->status = 200;
+    if (!range) return 0;
+    int rc = am_http_parse_range(range, rlen, size, &a, &b);
+    if (rc == AM_ERANGE) return rc;
+    if (rc == 0) {
+        w->pos = a;
+        w->end = b;
+        w->status = 206;
+    }
+    return 0;
+}
+
+static enum am_blobflight_outcome serve_hit(struct am_blobflights *bf,
+                                            struct am_http_exchange *ex,
+                                            struct am_blobstore_reader *reader,
+                                            const struct am_digest *digest)
+{
+    const struct am_http_request *req = am_http_request_of(ex);
+    size_t rlen = 0;
+    const char *range = am_http_req_header(ex, "range", &rlen);
+    uint64_t size = am_blobstore_reader_size(reader);
+    struct waiter *w = waiter_new(bf, ex, digest);
+    if (!w) {
+        am_blobstore_close_reader(reader);
+        am_http_respond_error(ex, AM_ENOMEM, NULL, NULL, NULL, 0);
+        return AM_BLOBFLIGHT_SERVED;
+    }
+    bf->stats.hits++;
+    w->reader = reader;
+    w->fd = am_blobstore_reader_fd(reader);
+    w->verified = true;
+    if (apply_range(w, range, rlen, size)) {
+        w->ex = NULL;
+        respond_416(ex, size);
+        waiter_free(w);
+        return AM_BLOBFLIGHT_SERVED;
+    }
+    if (waiter_send_head(w, size, "hit") != 0) {
+        waiter_free(w); /* the exchange has ended */
+        return AM_BLOBFLIGHT_SERVED;
+    }
+    w->head_sent = true;
+    if (req->is_head) w->pos = w->end; /* headers only; pump ends it */
+    waiter_pump(w);
+    return AM_BLOBFLIGHT_SERVED;
+}
+
+/* Joins an existing flight; declines what it cannot answer from it. */
+static enum am_blobflight_outcome join(struct am_blobflights *bf, struct flight *fl,
+                                       struct am_http_exchange *ex)
+{
+    const struct am_http_request *req = am_http_request_of(ex);
+    size_t rlen = 0;
+    const char *range = am_http_req_header(ex, "range", &rlen);
+    bool sized = fl->got_head && fl->status == 200 && fl->size > 0; /* heads can go out */
+    if ((req->is_head || range) && !sized) return AM_BLOBFLIGHT_DECLINED;
+
+    struct waiter probe = {.status = 200};
+    if (sized && apply_range(&probe, range, rlen, (uint64_t)fl->size)) {
+        respond_416(ex, (uint64_t)fl->size);
+        return AM_BLOBFLIGHT_SERVED;
+    }
+    /* A range far ahead of the fetch is better asked of the upstream directly. */
+    if (range && probe.status == 206 && probe.pos > fl->received)
+        return AM_BLOBFLIGHT_DECLINED;
+
+    struct waiter *w = waiter_new(bf, ex, &fl->digest);
+    if (!w) {
+        am_http_respond_error(ex, AM_ENOMEM, NULL, NULL, NULL, 0);
+        return AM_BLOBFLIGHT_SERVED;
+    }
+    bf->stats.joined++;
+    w->fl = fl;
+    w->next = fl->waiters;
+    if (fl->waiters) fl->waiters->prev = w;
+    fl->waiters = w;
+    if (!sized) return AM_BLOBFLIGHT_SERVED; /* on_up_head sends the head */
+    w->pos = probe.pos;
+    w->end = probe.end;
+    w->status = probe.status;
+    if (waiter_send_head(w, (uint64_t)fl->size, "joined") != 0) {
+        waiter_free(w);
+        return AM_BLOBFLIGHT_SERVED;
+    }
+    w->head_sent = true;
+    if (req->is_head) {
+        w->verified = true; /* nothing of the body is sent */
+        w->pos = w->end;
+    }
+    waiter_pump(w);
+    return AM_BLOBFLIGHT_SERVED;
+}
+
+static enum am_blobflight_outcome start_flight(struct am_blobflights *bf,
+                                               struct am_http_exchange *ex,
+                                               struct am_upstream *up, const char *path,
+                                               const char *scope, const struct am_digest *d)
+{
+    struct flight *fl = calloc(1, sizeof *fl);
+    if (!fl) return AM_BLOBFLIGHT_DECLINED;
+    fl->bf = bf;
+    fl->digest = *d;
+    fl->size = -1;
+    if (am_blobstore_begin(bf->bs, d, -1, &fl->writer) != 0) {
+        free(fl);
+        return AM_BLOBFLIGHT_DECLINED;
+    }
+    am_blobstore_writer_set_on_written(fl->writer, on_written, fl);
+    struct am_upstream_request_opts o = {.method = "GET", .path = path, .scope = scope};
+    int rc = am_upstream_request(up, &o, &flight_cbs, fl, &fl->ureq);
+    if (rc) {
+        am_blobstore_writer_abort(fl->writer);
+        free(fl);
+        struct am_http_header h[] = {hdr("Docker-Distribution-API-Version", "registry/2.0")};
+        am_http_respond_error(ex, rc, NULL, NULL, h, 1);
+        return AM_BLOBFLIGHT_SERVED;
+    }
+    fl->next = bf->flights;
+    if (bf->flights) bf->flights->prev = fl;
+    bf->flights = fl;
+    bf->stats.flights++;
+    bf->stats.active++;
+
+    struct waiter *w = waiter_new(bf, ex, d);
+    if (!w) {
+        am_http_respond_error(ex, AM_ENOMEM, NULL, NULL, NULL, 0);
+        return AM_BLOBFLIGHT_SERVED; /* the fetch goes on and fills the cache */
+    }
+    w->fl = fl;
+    fl->waiters = w;
+    return AM_BLOBFLIGHT_SERVED;
+}
+
+enum am_blobflight_outcome am_blobflights_serve(struct am_blobflights *bf,
+                                                struct am_http_exchange *ex,
+                                                struct am_upstream *up, const char *path,
+                                                const char *scope,
+                                                const struct am_digest *digest)
+{
+    const struct am_http_request *req = am_http_request_of(ex);
+    struct am_blobstore_reader *reader;
+    if (am_blobstore_open(bf->bs, digest, &reader) == 0)
+        return serve_hit(bf, ex, reader, digest);
+
+    struct flight *fl = flight_find(bf, digest);
+    if (fl) return join(bf, fl, ex);
+    size_t rlen;
+    /* A cold HEAD or Range gains nothing from starting a whole fetch now. */
+    if (req->is_head || am_http_req_header(ex, "range", &rlen)) return AM_BLOBFLIGHT_DECLINED;
+    return start_flight(bf, ex, up, path, scope, digest);
+}
+
+int am_blobflights_new(uv_loop_t *loop, struct am_blobstore *bs, struct am_blobflights **out)
+{
+    struct am_blobflights *bf = calloc(1, sizeof *bf);
+    if (!bf) return AM_ENOMEM;
+    bf->loop = loop;
+    bf->bs = bs;
+    *out = bf;
+    return 0;
+}
+
+void am_blobflights_free(struct am_blobflights *bf)
+{
+    if (!bf) return;
+    while (bf->flights) flight_fail(bf->flights, AM_ECANCELED);
+    free(bf);
+}
+
+void am_blobflights_get_stats(const struct am_blobflights *bf, struct am_blobflight_stats *out)
+{
+    *out = bf->stats;
+}
