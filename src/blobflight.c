@@ -44,6 +44,7 @@ struct waiter {
     bool reading; /* req is in flight; the waiter is freed in its callback */
     bool dead;    /* ended while reading */
     bool head_sent;
+    bool joined;  /* came into a fetch someone else started */
     int status;   /* 200 or 206 */
     struct am_digest digest;
     uv_fs_t req;
@@ -315,7 +316,7 @@ static void on_commit(void *arg, int status)
         if (!w->head_sent) {
             /* Only an empty blob gets here: its head waited for the verification. */
             w->end = fl->received;
-            if (waiter_send_head(w, w->end, "miss") != 0) {
+            if (waiter_send_head(w, w->end, w->joined ? "joined" : "miss") != 0) {
                 waiter_free(w);
                 continue;
             }
@@ -369,7 +370,7 @@ static void on_up_head(void *arg, const struct am_upstream_response *r)
         next = w->next;
         w->end = (uint64_t)r->content_length;
         w->live = true;
-        if (waiter_send_head(w, w->end, "miss") == 0) w->head_sent = true;
+        if (waiter_send_head(w, w->end, w->joined ? "joined" : "miss") == 0) w->head_sent = true;
         else waiter_free(w);
     }
 }
@@ -528,6 +529,7 @@ static enum am_blobflight_outcome join(struct am_blobflights *bf, struct flight 
         return AM_BLOBFLIGHT_SERVED;
     }
     bf->stats.joined++;
+    w->joined = true;
     w->fl = fl;
     w->next = fl->waiters;
     if (fl->waiters) fl->waiters->prev = w;
