@@ -39,6 +39,7 @@ struct waiter {
     uv_file fd;                         /* -1: none yet */
     bool own_fd;                        /* fd is a dup of the temp file, closed by us */
     uint64_t pos, end;                  /* next byte to send; end exclusive */
+    uint64_t size;                      /* the whole blob's */
     bool verified;                      /* the blob is committed: the last byte may go */
     bool live;
     bool reading; /* req is in flight; the waiter is freed in its callback */
@@ -174,10 +175,20 @@ static int waiter_send_head(struct waiter *w, uint64_t size, const char *cache_s
     return am_http_start(w->ex, w->status, NULL, h, n, w->end - w->pos);
 }
 
-/* How far w may send now: what its source holds, minus the held-back last byte. */
+/* The end of what w may send before the blob is verified. The blob's final byte is held
+ * back, so no response that reaches the end of the blob can look complete before the
+ * digest matched. A range that stops short of it is answered from the bytes as they
+ * arrive (issue #3: a covered range never waits for the whole blob); the client cannot
+ * verify a part anyway, and containerd checks the digest of what it assembles. */
+static uint64_t waiter_cap(const struct waiter *w)
+{
+    return w->verified || w->end == 0 || w->end < w->size ? w->end : w->end - 1;
+}
+
+/* How far w may send now: what its source holds, up to its cap. */
 static uint64_t waiter_limit(const struct waiter *w)
 {
-    uint64_t cap = w->verified || w->end == 0 ? w->end : w->end - 1;
+    uint64_t cap = waiter_cap(w);
     uint64_t avail = w->fl ? w->fl->written : w->end;
     return avail < cap ? avail : cap;
 }
@@ -315,7 +326,7 @@ static void on_commit(void *arg, int status)
         w->live = false;
         if (!w->head_sent) {
             /* Only an empty blob gets here: its head waited for the verification. */
-            w->end = fl->received;
+            w->end = w->size = fl->received;
             if (waiter_send_head(w, w->end, w->joined ? "joined" : "miss") != 0) {
                 waiter_free(w);
                 continue;
@@ -368,7 +379,7 @@ static void on_up_head(void *arg, const struct am_upstream_response *r)
     if (r->status != 200 || r->content_length <= 0) return;
     for (struct waiter *w = fl->waiters, *next; w; w = next) {
         next = w->next;
-        w->end = (uint64_t)r->content_length;
+        w->end = w->size = (uint64_t)r->content_length;
         w->live = true;
         if (waiter_send_head(w, w->end, w->joined ? "joined" : "miss") == 0) w->head_sent = true;
         else waiter_free(w);
@@ -387,7 +398,7 @@ static void on_up_body(void *arg, const char *data, size_t len)
     }
     for (struct waiter *w = fl->waiters; w; w = w->next) {
         if (!w->live || !w->ex || w->pos != off) continue;
-        uint64_t cap = w->end - 1; /* not verified yet */
+        uint64_t cap = waiter_cap(w);
         uint64_t stop = off + len < cap ? off + len : cap;
         if (stop > w->pos && am_http_write(w->ex, data + (w->pos - off), stop - w->pos) == 0)
             w->pos = stop;
@@ -456,7 +467,7 @@ static int apply_range(struct waiter *w, const char *range, size_t rlen, uint64_
 {
     uint64_t a, b;
     w->pos = 0;
-    w->end = size;
+    w->end = w->size = size;
     w->status = 200;
     if (!range) return 0;
     int rc = am_http_parse_range(range, rlen, size, &a, &b);
@@ -537,6 +548,7 @@ static enum am_blobflight_outcome join(struct am_blobflights *bf, struct flight 
     if (!sized) return AM_BLOBFLIGHT_SERVED; /* on_up_head sends the head */
     w->pos = probe.pos;
     w->end = probe.end;
+    w->size = probe.size;
     w->status = probe.status;
     if (waiter_send_head(w, (uint64_t)fl->size, "joined") != 0) {
         waiter_free(w);
