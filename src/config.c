@@ -63,6 +63,7 @@ enum kind {
     K_NSTRING,     /* non-empty string or null */
     K_URL,         /* non-empty string; one trailing '/' is dropped when stored */
     K_LOGLEVEL,    /* "error" | "warn" | "info" | "debug", stored as int */
+    K_DIAG,        /* "off" | "warn" | "enforce", stored as int (enum am_diagnostics) */
     K_BOOL,        /* true | false */
     K_UINT,        /* JSON integer within min..max */
     K_SIZE,        /* bytes: a JSON integer or "64MiB"; within min..max */
@@ -109,6 +110,11 @@ static const struct field fields[] = {
      "working directory."},
     {"", "log_level", K_LOGLEVEL, C_INT(log_level), "\"info\"", 0, 0, 0,
      "Least severe diagnostic lines written to stderr."},
+    {"", "diagnostics", K_DIAG, C_INT(diagnostics), "\"warn\"", 0, 0, 0,
+     "What to do when a node whose platform is known (X-Node-Platform) pulls a tag that has "
+     "no variant it can run: off; warn (log, count, record in the pull log; the pull "
+     "proceeds); enforce (refuse the tag HEAD/GET with 409 and the diagnosis in the reason "
+     "phrase)."},
     {"", "default_upstream", K_STRING, C_STR(default_upstream), "\"docker.io\"", 0, 0, 0,
      "Upstream used when a request has no ?ns= parameter; must be one of upstreams[].name. "
      "When a file replaces upstreams without setting it and the old default is not in the "
@@ -187,6 +193,17 @@ static const struct field fields[] = {
      "evict_high_watermark."},
     {"cache", "blobstore_map_size", K_SIZE, C_U64(blobstore_map_bytes), "\"256MiB\"", MIB, TIB, 0,
      "Size of the LMDB map that holds blob metadata (size, last access, hits)."},
+    {"", "pull_log", K_OBJECT, 0, NULL, 0, 0, 0,
+     "The record of which node platform pulled which image (JSON lines plus aggregates)."},
+    {"pull_log", "enabled", K_BOOL, C_BOOL(pulllog_enabled), "true", 0, 0, 0,
+     "Record pulls to <dir>/pulls.jsonl and keep per-image, per-platform aggregates for "
+     "/api/v1/pulls and /api/v1/readiness."},
+    {"pull_log", "dir", K_NSTRING, C_STR(pulllog_dir), "null", 0, 0, 0,
+     "Directory of the pull log; null: <data_dir>/pulls."},
+    {"pull_log", "rotate_size", K_SIZE, C_U64(pulllog_rotate_bytes), "\"64MiB\"", KIB,
+     64 * 1024 * MIB, 0, "A log file is rotated (pulls.jsonl.1 …) when it reaches this size."},
+    {"pull_log", "keep_files", K_UINT, C_U64(pulllog_keep_files), "5", 1, 1000, 0,
+     "Rotated files kept."},
 };
 #define N_FIELDS (sizeof fields / sizeof fields[0])
 
@@ -206,6 +223,8 @@ static const struct {
 
 /* Indexed by enum am_log_level; parsing goes through am_log_parse_level. */
 static const char *const level_names[] = {"error", "warn", "info", "debug"};
+static const char *const diag_names[] = {"off", "warn", "enforce"};
+_Static_assert(AM_DIAG_ENFORCE == 2, "diag_names follows enum am_diagnostics");
 _Static_assert(AM_LOG_DEBUG == 3, "level_names follows enum am_log_level");
 
 static const struct field *find_field(const char *section, const char *key)
@@ -523,6 +542,7 @@ static const char *expected(enum kind k)
     case K_SECRET_FILE:
     case K_SECRET_ENV: return "a string or null";
     case K_LOGLEVEL: return "one of \"error\", \"warn\", \"info\", \"debug\"";
+    case K_DIAG: return "one of \"off\", \"warn\", \"enforce\"";
     case K_BOOL: return "true or false";
     case K_UINT: return "an integer";
     case K_SIZE: return "a size (an integer number of bytes, or a string like \"64MiB\")";
@@ -731,6 +751,20 @@ static void apply_scalar(struct loader *ld, const struct field *f, void *base, j
             return;
         }
         *(int *)(void *)at = (int)lvl;
+        return;
+    }
+    case K_DIAG: {
+        int mode;
+        if (!json_is_string(v)) {
+            type_error(ld, path, f, v);
+            return;
+        }
+        if ((mode = am_config_parse_diagnostics(json_string_value(v))) < 0) {
+            problem(ld->r, path, "unknown diagnostics mode \"%s\": use off, warn or enforce",
+                    shown(json_string_value(v), tmp, sizeof tmp));
+            return;
+        }
+        *(int *)(void *)at = mode;
         return;
     }
     case K_BOOL:
@@ -1591,6 +1625,10 @@ static json_t *value_json(const struct field *f, const void *base)
         int lvl = *(const int *)(const void *)at;
         return json_string(lvl >= AM_LOG_ERROR && lvl <= AM_LOG_DEBUG ? level_names[lvl] : "?");
     }
+    case K_DIAG: {
+        int mode = *(const int *)(const void *)at;
+        return json_string(mode >= AM_DIAG_OFF && mode <= AM_DIAG_ENFORCE ? diag_names[mode] : "?");
+    }
     case K_BOOL: return json_boolean(*(const bool *)(const void *)at);
     case K_UINT: {
         /* Bounds in the table keep every integer far below JSON_INTEGER_MAX. */
@@ -1670,7 +1708,8 @@ static const char *type_label(enum kind k)
     case K_SECRET:
     case K_SECRET_FILE:
     case K_SECRET_ENV: return "string or null";
-    case K_LOGLEVEL: return "string";
+    case K_LOGLEVEL:
+    case K_DIAG: return "string";
     case K_BOOL: return "boolean";
     case K_UINT: return "integer";
     case K_SIZE: return "size";
@@ -1707,6 +1746,8 @@ char *am_config_format_doc(void)
                      (unsigned long long)f->max);
         } else if (f->kind == K_LOGLEVEL) {
             snprintf(allowed, sizeof allowed, "`error`, `warn`, `info`, `debug`");
+        } else if (f->kind == K_DIAG) {
+            snprintf(allowed, sizeof allowed, "`off`, `warn`, `enforce`");
         } else if (f->kind == K_URL) {
             snprintf(allowed, sizeof allowed, "`http://` or `https://` host[:port]");
         }
@@ -1740,4 +1781,11 @@ char *am_config_format_doc(void)
         return NULL;
     }
     return am_buf_steal(&b, NULL);
+}
+
+int am_config_parse_diagnostics(const char *s)
+{
+    for (int i = 0; i <= AM_DIAG_ENFORCE; i++)
+        if (strcmp(s, diag_names[i]) == 0) return i;
+    return AM_EINVAL;
 }

@@ -40,6 +40,8 @@ static const char usage[] =
     "  --upstream-ca NAME=FILE PEM CA bundle to verify upstream NAME's TLS certificate\n"
     "  --default-upstream NAME upstream used when a request has no ?ns= parameter\n"
     "  --log-level LEVEL       error, warn, info (default) or debug\n"
+    "  --diagnostics MODE      off, warn (default) or enforce: what to do when a node\n"
+    "                          pulls a tag with no variant for its platform\n"
     "  --check-config FILE     validate FILE (with the flags given before it), print every\n"
     "                          problem with its JSON path, and exit\n"
     "  --print-config          print the effective configuration as JSON and exit\n"
@@ -136,7 +138,7 @@ static void on_signal(uv_signal_t *h, int signum)
 /* --- flags ---------------------------------------------------------------------------- */
 
 enum { OPT_CONFIG = 256, OPT_LISTEN, OPT_DATA_DIR, OPT_UPSTREAM, OPT_UPSTREAM_CA,
-       OPT_DEFAULT_UPSTREAM, OPT_LOG_LEVEL, OPT_CHECK, OPT_PRINT, OPT_VERSION, OPT_HELP };
+       OPT_DEFAULT_UPSTREAM, OPT_LOG_LEVEL, OPT_DIAGNOSTICS, OPT_CHECK, OPT_PRINT, OPT_VERSION, OPT_HELP };
 
 static const struct option options[] = {
     {"config", required_argument, NULL, OPT_CONFIG},
@@ -146,6 +148,7 @@ static const struct option options[] = {
     {"upstream-ca", required_argument, NULL, OPT_UPSTREAM_CA},
     {"default-upstream", required_argument, NULL, OPT_DEFAULT_UPSTREAM},
     {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
+    {"diagnostics", required_argument, NULL, OPT_DIAGNOSTICS},
     {"check-config", required_argument, NULL, OPT_CHECK},
     {"print-config", no_argument, NULL, OPT_PRINT},
     {"version", no_argument, NULL, OPT_VERSION},
@@ -207,6 +210,16 @@ static int apply_overrides(struct am_config *cfg, const struct flags *f)
             rc = am_config_set_upstream_ca(cfg, f->val[i], msg, sizeof msg);
             break;
         case OPT_DEFAULT_UPSTREAM: rc = replace_str(&cfg->default_upstream, f->val[i]); break;
+        case OPT_DIAGNOSTICS: {
+            int mode = am_config_parse_diagnostics(f->val[i]);
+            if (mode < 0) {
+                rc = AM_ECONFIG;
+                snprintf(msg, sizeof msg, "--diagnostics: expected off, warn or enforce");
+            } else {
+                cfg->diagnostics = mode;
+            }
+            break;
+        }
         case OPT_LOG_LEVEL: {
             enum am_log_level lvl;
             rc = am_log_parse_level(f->val[i], &lvl);

@@ -20,6 +20,8 @@
 #define AM_CONFIG_MAX_LISTEN    8
 #define AM_CONFIG_MAX_UPSTREAMS 64
 
+enum am_diagnostics { AM_DIAG_OFF = 0, AM_DIAG_WARN, AM_DIAG_ENFORCE };
+
 struct am_upstream_conf {
     char *name;     /* owned; registry host as clients name it ("docker.io", "ghcr.io") */
     char *url;      /* owned; "https://registry-1.docker.io" (scheme://host[:port]) */
@@ -36,7 +38,8 @@ struct am_config {
     char *default_upstream; /* owned; name used when ?ns= is absent */
     struct am_upstream_conf upstreams[AM_CONFIG_MAX_UPSTREAMS];
     size_t n_upstreams;
-    int log_level; /* enum am_log_level */
+    int log_level;   /* enum am_log_level */
+    int diagnostics; /* enum am_diagnostics */
 
     /* server */
     uint64_t max_connections;
@@ -62,6 +65,12 @@ struct am_config {
     uint64_t blob_high_pct;       /* eviction starts above this % of blob_max_bytes */
     uint64_t blob_low_pct;        /* ... and frees down to this % */
     uint64_t blobstore_map_bytes;
+
+    /* pull log */
+    bool pulllog_enabled;
+    char *pulllog_dir; /* owned or NULL: <data_dir>/pulls */
+    uint64_t pulllog_rotate_bytes;
+    uint64_t pulllog_keep_files;
 
     /* Bookkeeping of the command-line overrides, not settings: set once the first
      * am_config_set_listen / am_config_set_upstream has dropped the earlier list. */
@@ -124,6 +133,9 @@ int am_config_validate(const struct am_config *cfg, struct am_config_report *r);
 /* Finds an upstream by the name clients use; NULL if none. */
 const struct am_upstream_conf *am_config_find_upstream(const struct am_config *cfg,
                                                        const char *name, size_t len);
+
+/* "off" | "warn" | "enforce" → enum am_diagnostics, or AM_EINVAL. */
+int am_config_parse_diagnostics(const char *s);
 
 /* Parsers shared by file and command line. Return 0 or AM_EINVAL (*out untouched).
  * Size: digits with an optional unit B, KB, MB, GB, TB (powers of 1000) or KiB, MiB,

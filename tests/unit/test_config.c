@@ -269,6 +269,27 @@ static void defaults_pass_validation(void **state)
     am_config_cleanup(&cfg);
 }
 
+static void reads_the_diagnostics_mode_and_the_pull_log_section(void **state)
+{
+    struct am_config cfg;
+    struct am_config_report r;
+    assert_int_equal(load(&cfg, "{\"diagnostics\": \"enforce\", \"pull_log\": "
+                                "{\"dir\": \"/tmp/p\", \"keep_files\": 3}}",
+                          &r),
+                     0);
+    assert_int_equal(cfg.diagnostics, AM_DIAG_ENFORCE);
+    assert_string_equal(cfg.pulllog_dir, "/tmp/p");
+    assert_int_equal(cfg.pulllog_keep_files, 3);
+    assert_true(cfg.pulllog_enabled);
+    am_config_cleanup(&cfg);
+    assert_int_equal(am_config_parse_diagnostics("off"), AM_DIAG_OFF);
+    assert_int_equal(am_config_parse_diagnostics("Warn"), AM_EINVAL);
+    expect_one_problem("{\"diagnostics\": \"block\"}", "$.diagnostics", "off, warn or enforce");
+    expect_one_problem("{\"diagnostics\": 2}", "$.diagnostics", "one of");
+    expect_invalid("{\"cache\": {\"evict_low_watermark\": 96}}", "$.cache.evict_low_watermark",
+                   "above evict_high_watermark");
+}
+
 static void empty_object_changes_nothing(void **state)
 {
     struct am_config cfg, def;
@@ -1469,6 +1490,7 @@ int main(void)
         cmocka_unit_test(defaults_list_the_six_public_upstreams_in_order),
         cmocka_unit_test(defaults_pass_validation),
         cmocka_unit_test(empty_object_changes_nothing),
+        cmocka_unit_test(reads_the_diagnostics_mode_and_the_pull_log_section),
         cmocka_unit_test(size_parser_accepts_every_unit_and_plain_bytes),
         cmocka_unit_test(size_parser_rejects_malformed_sizes),
         cmocka_unit_test(duration_parser_accepts_every_form),
