@@ -22,6 +22,7 @@
 #include "archmirror/error.h"
 #include "archmirror/http.h"
 #include "archmirror/log.h"
+#include "archmirror/metrics.h"
 
 #define READ_CHUNK (256u * 1024)
 #define HIGH_WATER (1u << 20)
@@ -496,6 +497,7 @@ static enum am_blobflight_outcome serve_hit(struct am_blobflights *bf,
         return AM_BLOBFLIGHT_SERVED;
     }
     bf->stats.hits++;
+    am_metrics_count_cache(true, true);
     w->reader = reader;
     w->fd = am_blobstore_reader_fd(reader);
     w->verified = true;
@@ -540,6 +542,7 @@ static enum am_blobflight_outcome join(struct am_blobflights *bf, struct flight 
         return AM_BLOBFLIGHT_SERVED;
     }
     bf->stats.joined++;
+    am_metrics_count_cache(true, false);
     w->joined = true;
     w->fl = fl;
     w->next = fl->waiters;
@@ -592,6 +595,7 @@ static enum am_blobflight_outcome start_flight(struct am_blobflights *bf,
     bf->flights = fl;
     bf->stats.flights++;
     bf->stats.active++;
+    am_metrics_count_cache(true, false);
 
     struct waiter *w = waiter_new(bf, ex, d);
     if (!w) {

@@ -43,7 +43,8 @@
 #include "archmirror/log.h"
 
 #define RBUF_SIZE                (16 * 1024)   /* per-connection read buffer */
-#define MAX_BODY                 (1024 * 1024) /* request bodies are read and discarded up to this */
+#define MAX_BODY                 AM_HTTPSERVER_MAX_BODY /* request bodies are kept up to this */
+#define BBUF_KEEP                (64 * 1024)   /* a body buffer larger than this is freed after use */
 #define OBUF_MAX                 (1024 * 1024) /* response head */
 #define EBUF_MAX                 (64 * 1024)   /* OCI error body */
 #define OUT_HIGH                 (1024 * 1024) /* queued response bytes that stop parsing */
@@ -75,6 +76,7 @@ struct am_http_exchange {
     int status;
     uint64_t content_length;
     uint64_t written;
+    uint64_t start_ns; /* uv_hrtime() when the handler got it, for on_complete */
     void (*on_drain)(void *arg);
     void (*on_gone)(void *arg);
     void *arg;
@@ -128,6 +130,7 @@ struct conn {
     size_t method_len;
     size_t url_off, url_len;
     struct am_buf hbuf;
+    struct am_buf bbuf; /* the request body, for am_http_req_body */
     struct hspan *spans;
     struct am_http_header *hdrs;
     size_t n_hdrs, cap_hdrs;
@@ -503,6 +506,7 @@ static void conn_free(struct conn *c)
         if (c->next) c->next->prev = c->prev;
     }
     am_buf_cleanup(&c->hbuf);
+    am_buf_cleanup(&c->bbuf);
     am_buf_cleanup(&c->obuf);
     am_buf_cleanup(&c->ebuf);
     free(c->spans);
@@ -665,6 +669,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 static void request_reset(struct conn *c)
 {
     am_buf_reset(&c->hbuf);
+    /* Bodies are rare (the pull API has none): a big one's memory is not kept for the
+     * rest of a keep-alive connection. */
+    if (c->bbuf.cap > BBUF_KEEP) am_buf_cleanup(&c->bbuf);
+    am_buf_reset(&c->bbuf);
     c->head_bytes = 0;
     c->line_start = true;
     c->seen_content = false;
@@ -843,6 +851,7 @@ static int cb_body(llhttp_t *p, const char *at, size_t len)
     struct conn *c = pconn(p);
     c->body_bytes += len;
     if (c->body_bytes > MAX_BODY) return refuse(c, 413, AM_ETOO_LARGE, "request body too large");
+    if (am_buf_append(&c->bbuf, at, len)) return refuse(c, 500, AM_ENOMEM, "out of memory");
     return 0;
 }
 
@@ -930,6 +939,9 @@ static void dispatch(struct conn *c)
     r->n_headers = c->n_hdrs;
     r->peer = c->peer;
     ex->owned = true;
+    ex->status = 0;
+    ex->written = 0;
+    ex->start_ns = srv->opts.on_complete ? uv_hrtime() : 0;
     AM_DEBUG("c%llu r%llu %s %s%s%s", ull(c->id), ull(r->id), r->method, r->path,
              r->query_len ? "?" : "", r->query);
     srv->handler(srv->ctx, ex);
@@ -1052,6 +1064,10 @@ static void on_conn_timer(uv_timer_t *t)
 /* The handler let go of the exchange. ok: the response is complete and queued. */
 static void ex_end(struct conn *c, bool ok)
 {
+    struct am_httpserver *srv = c->srv;
+    if (srv && srv->opts.on_complete && c->ex.owned)
+        srv->opts.on_complete(srv->ctx, &c->ex.req, c->ex.status, c->ex.written, ok,
+                              uv_hrtime() - c->ex.start_ns);
     c->ex.owned = false;
     c->ex.on_drain = NULL;
     c->ex.on_gone = NULL;
@@ -1081,6 +1097,13 @@ const char *am_http_req_header(const struct am_http_exchange *ex, const char *na
     const struct am_http_header *h = am_http_header_find(ex->req.headers, ex->req.n_headers, name);
     if (len) *len = h ? h->value_len : 0;
     return h ? h->value : NULL;
+}
+
+const char *am_http_req_body(const struct am_http_exchange *ex, size_t *len)
+{
+    const struct conn *c = EX_CONN(ex);
+    if (len) *len = c->bbuf.len;
+    return c->bbuf.data ? c->bbuf.data : "";
 }
 
 void am_http_set_callbacks(struct am_http_exchange *ex, void (*on_drain)(void *arg),
@@ -1119,6 +1142,7 @@ static int respond(struct am_http_exchange *ex, int status, const char *reason,
     }
     ex->status = status;
     bool bodyless = is_bodyless(ex, status);
+    ex->written = bodyless ? 0 : len;
     int rc = build_head(c, status, reason, hdrs, n_hdrs, extra, status == 204 ? 0 : len);
     if (rc) {
         AM_ERROR("c%llu r%llu response head for %d: %s", ull(c->id), ull(ex->req.id), status,
@@ -1273,6 +1297,7 @@ static struct conn *conn_new(struct am_httpserver *srv, bool rejected)
     srv->conns = c;
     srv->n_live++;
     am_buf_init(&c->hbuf, (size_t)srv->opts.max_header_bytes + 16);
+    am_buf_init(&c->bbuf, MAX_BODY);
     am_buf_init(&c->obuf, OBUF_MAX);
     am_buf_init(&c->ebuf, EBUF_MAX);
     llhttp_init(&c->parser, HTTP_REQUEST, &srv->settings);

@@ -308,6 +308,7 @@ static int start(struct app *app)
         .header_timeout_ms = cfg->header_timeout_ms,
         .idle_timeout_ms = cfg->idle_timeout_ms,
         .drain_timeout_ms = cfg->drain_timeout_ms,
+        .on_complete = am_registry_on_complete,
     };
     if ((rc = am_httpserver_new(&app->loop, &so, am_registry_handle, app->reg, &app->srv))) {
         fprintf(stderr, "archmirror: server: %s\n", am_error_message(rc));

@@ -24,6 +24,7 @@
 #include "archmirror/manifest.h"
 #include "archmirror/manifests.h"
 #include "archmirror/mediatype.h"
+#include "archmirror/metrics.h"
 #include "archmirror/route.h"
 #include "archmirror/upstream.h"
 
@@ -37,6 +38,7 @@ struct am_registry {
     uv_loop_t *loop;
     const struct am_config *cfg;
     struct am_metastore *ms;
+    struct am_blobstore *bs;   /* borrowed; NULL without a blob store */
     struct am_blobflights *bf; /* owned; NULL without a blob store */
     struct am_manifests *mf;   /* owned */
     struct am_upstream *ups[AM_CONFIG_MAX_UPSTREAMS]; /* owned; index = cfg->upstreams */
@@ -416,6 +418,7 @@ static void answer_manifest(struct am_http_exchange *ex, const char *accept,
 static void on_mreq_result(void *arg, const struct am_manifests_result *r)
 {
     struct mreq *m = arg;
+    if (!r->err) am_metrics_count_cache(false, strcmp(r->cache_state, "miss") != 0);
     answer_manifest(m->ex, m->accept, r);
     free(m);
 }
@@ -489,6 +492,53 @@ static void handle_blob(struct am_registry *reg, struct am_http_exchange *ex,
     if (pull_start(p, req->is_head ? "HEAD" : "GET", path)) pull_maybe_free(p);
 }
 
+/* Store sizes, read at scrape time. */
+static int append_gauges(void *arg, struct am_buf *out)
+{
+    struct am_registry *reg = arg;
+    if (!reg->bs) return 0;
+    struct am_blobstore_stats st;
+    am_blobstore_get_stats(reg->bs, &st);
+    return am_buf_appendf(
+        out,
+        "# HELP archmirror_cache_bytes Bytes of cached blobs.\n"
+        "# TYPE archmirror_cache_bytes gauge\narchmirror_cache_bytes %llu\n"
+        "# HELP archmirror_cache_max_bytes The blob cache's budget (cache.max_size).\n"
+        "# TYPE archmirror_cache_max_bytes gauge\narchmirror_cache_max_bytes %llu\n"
+        "# HELP archmirror_cache_blobs Cached blobs.\n"
+        "# TYPE archmirror_cache_blobs gauge\narchmirror_cache_blobs %llu\n"
+        "# HELP archmirror_cache_evictions_total Blobs evicted to stay in budget.\n"
+        "# TYPE archmirror_cache_evictions_total counter\narchmirror_cache_evictions_total %llu\n",
+        (unsigned long long)st.bytes_used, (unsigned long long)reg->cfg->blob_max_bytes,
+        (unsigned long long)st.blobs, (unsigned long long)st.evictions);
+}
+
+static void respond_metrics(struct am_registry *reg, struct am_http_exchange *ex)
+{
+    struct am_buf b;
+    am_buf_init(&b, 8u << 20);
+    int rc = am_metrics_render(&b, append_gauges, reg);
+    if (rc) {
+        am_buf_cleanup(&b);
+        respond_error(ex, rc, "metrics too large");
+        return;
+    }
+    struct am_http_header h[] = {hdr("Content-Type", "text/plain; version=0.0.4")};
+    am_http_respond(ex, 200, NULL, h, 1, b.data, b.len);
+    am_buf_cleanup(&b);
+}
+
+void am_registry_on_complete(void *ctx, const struct am_http_request *req, int status,
+                             uint64_t body_bytes, bool completed, uint64_t duration_ns)
+{
+    (void)ctx;
+    am_metrics_count_request(am_metrics_route_of(req->path), status, body_bytes, duration_ns);
+    AM_DEBUG("c%llu r%llu %s %s %d %llu bytes %.3f ms%s", (unsigned long long)req->conn_id,
+             (unsigned long long)req->id, req->method, req->path, status,
+             (unsigned long long)body_bytes, (double)duration_ns / 1e6,
+             completed ? "" : " (aborted)");
+}
+
 void am_registry_handle(void *ctx, struct am_http_exchange *ex)
 {
     struct am_registry *reg = ctx;
@@ -499,6 +549,10 @@ void am_registry_handle(void *ctx, struct am_http_exchange *ex)
     if (strcmp(req->path, "/healthz") == 0) {
         struct am_http_header h[] = {hdr("Content-Type", "text/plain")};
         am_http_respond(ex, 200, NULL, h, 1, "ok\n", 3);
+        return;
+    }
+    if (strcmp(req->path, "/metrics") == 0) {
+        respond_metrics(reg, ex);
         return;
     }
     if (strcmp(req->path, "/readyz") == 0) {
@@ -574,6 +628,7 @@ int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_meta
     reg->loop = loop;
     reg->cfg = cfg;
     reg->ms = ms;
+    reg->bs = bs;
     if (bs && am_blobflights_new(loop, bs, &reg->bf)) {
         free(reg);
         return AM_ENOMEM;

@@ -48,6 +48,7 @@
 #include "archmirror/buf.h"
 #include "archmirror/error.h"
 #include "archmirror/log.h"
+#include "archmirror/metrics.h"
 #include "archmirror/tls.h"
 #include "archmirror/tokenauth.h"
 #include "archmirror/wwwauth.h"
@@ -485,6 +486,8 @@ struct am_upstream_req {
     struct am_challenge *chal; /* owned: the Bearer challenge being answered */
     struct origin next_org;
     char *next_path; /* owned: redirect target */
+    uint64_t start_ns;  /* uv_hrtime() at am_upstream_request, for metrics */
+    int final_status;   /* the status delivered by on_head, 0 before */
     unsigned redirects;
 };
 
@@ -1652,6 +1655,9 @@ static void req_finish(struct am_upstream_req *r, int status)
 {
     if (r->state == RQ_DONE) return;
     req_retire(r);
+    am_metrics_count_upstream(r->up->name,
+                              status != 0 || r->final_status >= 500 || r->final_status == 429,
+                              uv_hrtime() - r->start_ns);
     if (status)
         AM_DEBUG("upstream %s: request failed: %s (%s)", r->up->name, am_error_name(status),
                  r->x.msg);
@@ -1816,6 +1822,7 @@ static enum body_mode req_on_head(struct xchg *x, const struct am_upstream_respo
     if (ours && r->basic_sent && resp->status != 401) up->use_basic = true;
     if (is_redirect(resp->status) && req_plan_redirect(r, resp))
         return r->next == NEXT_FAIL ? XB_CLOSE : XB_DRAIN;
+    r->final_status = resp->status;
     r->cbs.on_head(r->arg, resp);
     return XB_DELIVER;
 }
@@ -1876,6 +1883,7 @@ int am_upstream_request(struct am_upstream *up, const struct am_upstream_request
 
     struct am_upstream_req *r = calloc(1, sizeof *r);
     if (!r) return AM_ENOMEM;
+    r->start_ns = uv_hrtime();
     xchg_init(&r->x, up, &req_ops);
     link_init(&r->link);
     r->up = up;

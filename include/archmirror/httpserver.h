@@ -38,8 +38,12 @@ struct am_http_request {
     const char *peer;    /* "127.0.0.1:41234" or "[::1]:41234" */
 };
 
-/* Called once per request after the whole request (head and any small body, which is
- * discarded) was read. */
+/* Longest request body the server accepts; a longer one gets 413 and the connection
+ * closes, without the handler being called. */
+#define AM_HTTPSERVER_MAX_BODY (1024 * 1024)
+
+/* Called once per request after the whole request (head and any body, which the server
+ * keeps for am_http_req_body) was read. */
 typedef void (*am_http_handler_fn)(void *ctx, struct am_http_exchange *ex);
 
 /* 0 means: no limit (max_connections), no timeout (header/idle), close at once on drain
@@ -52,6 +56,12 @@ struct am_httpserver_opts {
                                  * also the longest pause inside a request body */
     uint64_t idle_timeout_ms;   /* keep-alive connection with no request → closed */
     uint64_t drain_timeout_ms;  /* on drain, in-flight exchanges get this long */
+    /* Optional: runs once per exchange as it ends, with the status sent (0 if none), the
+     * body bytes written by the handler, whether it completed (false: aborted or the
+     * client went away) and its duration. For metrics and access logs; ctx is the
+     * handler's. req is a view valid during the call. */
+    void (*on_complete)(void *ctx, const struct am_http_request *req, int status,
+                        uint64_t body_bytes, bool completed, uint64_t duration_ns);
 };
 
 /* Returns 0 with *out owned (am_httpserver_free after drain completed) or AM_ENOMEM.
@@ -78,6 +88,11 @@ const struct am_http_request *am_http_request_of(const struct am_http_exchange *
 uv_loop_t *am_http_loop(const struct am_http_exchange *ex);
 /* First value of a request header, or NULL; *len gets its length. View valid while ex. */
 const char *am_http_req_header(const struct am_http_exchange *ex, const char *name, size_t *len);
+/* The request body as received (Content-Length or chunked, de-chunked), at most
+ * AM_HTTPSERVER_MAX_BODY bytes; "" with *len 0 when there was none. NUL-terminated after
+ * the last byte (not counted in *len); it may also contain NULs. len may be NULL.
+ * View valid until the exchange ends (or on_gone returns). */
+const char *am_http_req_body(const struct am_http_exchange *ex, size_t *len);
 
 /* on_drain: the response's queued bytes fell to zero after writes (use it to resume a
  * paused producer; it may also come when nothing was paused). on_gone: the client went

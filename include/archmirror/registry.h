@@ -32,6 +32,9 @@ int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_meta
                     size_t msglen);
 /* The am_http_handler_fn for the server; ctx is the registry. */
 void am_registry_handle(void *ctx, struct am_http_exchange *ex);
+/* The server's on_complete hook: request metrics and the debug access log. */
+void am_registry_on_complete(void *ctx, const struct am_http_request *req, int status,
+                             uint64_t body_bytes, bool completed, uint64_t duration_ns);
 /* Frees the registry; upstream connections close asynchronously on the loop. Call only
  * once the server has drained (no exchange is in flight). */
 void am_registry_free(struct am_registry *reg);
