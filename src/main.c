@@ -15,6 +15,7 @@
 #include <uv.h>
 
 #include "archmirror/blobstore.h"
+#include "archmirror/cli.h"
 #include "archmirror/config.h"
 #include "archmirror/error.h"
 #include "archmirror/httpserver.h"
@@ -27,6 +28,8 @@
 
 static const char usage[] =
     "usage: archmirror [options]\n"
+    "       archmirror platforms [--server URL] [--json] IMAGE...\n"
+    "       archmirror audit --require PLATFORM [--server URL] [--json] [FILE|-]\n"
     "\n"
     "A caching, architecture-aware mirror for container registries (OCI distribution\n"
     "pull API), meant to sit between every node's containerd and the upstream registries.\n"
@@ -350,6 +353,7 @@ int main(int argc, char **argv)
 {
     static struct app app;
     struct flags f;
+    if (am_cli_is_command(argc, argv)) return am_cli_main(argc, argv);
     memset(&f, 0, sizeof f);
     if (parse_flags(argc, argv, &f)) return EXIT_USAGE;
 
