@@ -2,7 +2,7 @@
 # CMake does the building; this wrapper installs Debian packages and picks build dirs.
 
 BUILD_PKGS := cmake gcc make pkg-config libuv1-dev liblmdb-dev libjansson-dev libssl-dev node-llhttp
-TEST_PKGS  := libcmocka-dev docker-registry containerd skopeo curl openssl python3 python3-cryptography
+TEST_PKGS  := libcmocka-dev docker-registry containerd skopeo curl openssl python3 python3-cryptography python3-yaml
 JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
 ARGS       ?=
 CTEST_ARGS ?=
@@ -47,3 +47,64 @@ demo: deps-test build
 
 clean:
 	rm -rf build
+
+# Fuzzing (tests/fuzz/): clang + libFuzzer + ASan/UBSan in build/fuzz; each target runs
+# FUZZ_SECONDS with its dictionary, new inputs going to build/fuzz/corpus/<name> (the
+# committed seeds in tests/fuzz/<name>/corpus are read, never written). Crashes land in
+# build/fuzz/artifacts/<name>/. FUZZ_TARGETS picks a subset: make fuzz FUZZ_TARGETS=route
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= route reference digest manifest wwwauth config mediatype tokenauth httpserver upstream
+FUZZ_CC      ?= $(shell command -v clang-14 || command -v clang)
+
+.PHONY: fuzz
+build/fuzz/Makefile:
+	@test -n "$(FUZZ_CC)" || { echo "make fuzz needs clang: apt-get install clang"; exit 1; }
+	CC=$(FUZZ_CC) cmake -S . -B build/fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAM_FUZZ=ON
+
+fuzz: deps-test build/fuzz/Makefile
+	cmake --build build/fuzz -j $(JOBS) --target fuzz_targets
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p build/fuzz/corpus/$$t build/fuzz/artifacts/$$t; \
+		echo "== fuzz_$$t for $(FUZZ_SECONDS)s"; \
+		./build/fuzz/tests/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+			-rss_limit_mb=2048 -print_final_stats=1 -dict=tests/fuzz/$$t.dict \
+			-artifact_prefix=build/fuzz/artifacts/$$t/ \
+			build/fuzz/corpus/$$t tests/fuzz/$$t/corpus 2>&1 | grep -E '^#[0-9]+ +DONE|ERROR|SUMMARY|stat::' ; \
+		test -z "$$(ls build/fuzz/artifacts/$$t)" || { echo "fuzz_$$t: crash in build/fuzz/artifacts/$$t"; exit 1; }; \
+	done
+
+# linux/arm64 without arm64 hardware (deploy/cross/): cross-compile archmirror and its unit
+# tests with Debian's crossbuild-essential-arm64 and the :arm64 -dev packages into
+# build/arm64, run the unit tests under qemu-aarch64-static (CMAKE_CROSSCOMPILING_EMULATOR),
+# then run ARM64_IT integration tests against the arm64 binary (through a qemu wrapper).
+# Not part of `make test`.
+ARM64_IT ?= test_containerd_pull test_deploy
+.PHONY: test-arm64
+build/arm64/Makefile:
+	cmake -S . -B build/arm64 -DCMAKE_TOOLCHAIN_FILE=deploy/cross/aarch64-linux-gnu.cmake \
+		-DCMAKE_BUILD_TYPE=RelWithDebInfo -DAM_WERROR=ON
+
+test-arm64: deps-test
+	@./deploy/cross/install-deps-arm64
+	@$(MAKE) --no-print-directory build/arm64/Makefile
+	cmake --build build/arm64 -j $(JOBS)
+	cd build/arm64 && ctest --output-on-failure -L unit $(CTEST_ARGS)
+	@printf '#!/bin/sh\nexec %s %s "$$@"\n' "$$(command -v qemu-aarch64-static)" "$(CURDIR)/build/arm64/archmirror" > build/arm64/archmirror-qemu
+	@chmod +x build/arm64/archmirror-qemu
+	@set -e; for t in $(ARM64_IT); do \
+		echo "== $$t against build/arm64/archmirror under qemu-aarch64-static"; \
+		ARCHMIRROR_BIN=$(CURDIR)/build/arm64/archmirror-qemu AM_SOURCE_DIR=$(CURDIR) \
+			PYTHONDONTWRITEBYTECODE=1 /usr/bin/python3 tests/integration/$$t.py; \
+	done
+
+# Benchmark against nginx proxy_cache and distribution's proxy mode (bench/README.md):
+# `make bench` (a few minutes), `make bench BENCH_ARGS=--quick` (~1 min),
+# `make bench BENCH_ARGS="--scenarios manifest-get-c16 --rounds 5"`.
+BENCH_PKGS := nginx docker-registry gnuplot-nox linux-perf util-linux python3
+BENCH_ARGS ?=
+.PHONY: bench
+bench:
+	@./.ci/install-deps $(BUILD_PKGS) $(BENCH_PKGS)
+	@$(MAKE) --no-print-directory build/dev/Makefile
+	cmake --build build/dev -j $(JOBS) --target archmirror loadgen
+	/usr/bin/python3 bench/run $(BENCH_ARGS)
