@@ -68,7 +68,7 @@ void am_diagnostics_reason(const char *image, const struct am_platform *node,
         if (strcmp(has[i].os, "linux") == 0 && (!pin || strcmp(has[i].architecture, "amd64") == 0))
             pin = has[i].architecture;
     }
-    char tail[256];
+    char tail[sizeof list + AM_PLATFORM_FIELD_MAX + 80];
     if (pin)
         snprintf(tail, sizeof tail, " (has %s); build multi-arch or pin kubernetes.io/arch=%s",
                  n_has ? list : "no platforms", pin);
