@@ -778,6 +778,9 @@ static int finish_header(struct conn *c)
 static int cb_header_field(llhttp_t *p, const char *at, size_t len)
 {
     struct conn *c = pconn(p);
+    /* Trailer fields after a chunked body (RFC 9112 §7.1.2) are discarded with the body:
+     * the request's header views were built at headers_complete and must not move. */
+    if (c->headers_done) return 0;
     if (c->hstate == 2 && finish_header(c)) return -1;
     if (c->hstate == 0) {
         struct am_httpserver *srv = c->srv;
@@ -803,9 +806,16 @@ static int cb_header_field(llhttp_t *p, const char *at, size_t len)
 static int cb_header_field_complete(llhttp_t *p)
 {
     struct conn *c = pconn(p);
-    if (c->hstate != 1) return 0;
+    if (c->headers_done) return 0;
+    /* RFC 9110 §5.1: field-name = token; RFC 9112 §5.1: no whitespace before the colon
+     * (llhttp 8.1.0 lets both through for names it does not know). */
+    if (c->hstate != 1) return refuse(c, 400, AM_EBAD_REQUEST, "empty header field name");
     struct hspan *s = &c->spans[c->n_hdrs];
     s->name_len = c->hbuf.len - s->name_off;
+    for (size_t i = 0; i < s->name_len; i++)
+        if (!is_tchar((unsigned char)c->hbuf.data[s->name_off + i]))
+            return refuse(c, 400, AM_EBAD_REQUEST, "invalid header field name");
+    if (s->name_len == 0) return refuse(c, 400, AM_EBAD_REQUEST, "empty header field name");
     s->value_off = c->hbuf.len;
     c->hstate = 2;
     return 0;

@@ -21,6 +21,7 @@
 #include "archmirror/httpserver.h"
 #include "archmirror/log.h"
 #include "archmirror/metastore.h"
+#include "archmirror/pulllog.h"
 #include "archmirror/registry.h"
 
 #define EXIT_USAGE 2
@@ -59,6 +60,7 @@ struct app {
     struct am_config cfg;
     struct am_metastore *ms;
     struct am_blobstore *bs;
+    struct am_pulllog *pl;
     struct am_registry *reg;
     struct am_httpserver *srv;
     uv_signal_t sigterm, sigint;
@@ -110,11 +112,19 @@ static void on_store_closed(void *arg)
     uv_close((uv_handle_t *)&app->sigint, on_signal_closed);
 }
 
+static void on_pulllog_closed(void *arg)
+{
+    struct app *app = arg;
+    app->pl = NULL;
+    am_metastore_close(app->ms, on_store_closed, app);
+}
+
 static void on_blobs_closed(void *arg)
 {
     struct app *app = arg;
     app->bs = NULL;
-    am_metastore_close(app->ms, on_store_closed, app);
+    if (app->pl) am_pulllog_close(app->pl, on_pulllog_closed, app);
+    else on_pulllog_closed(app);
 }
 
 static void on_server_drained(void *arg)
@@ -300,7 +310,22 @@ static int start(struct app *app)
         fprintf(stderr, "archmirror: blob store: %s\n", msg[0] ? msg : am_error_message(rc));
         return rc;
     }
-    if ((rc = am_registry_new(&app->loop, cfg, app->ms, app->bs, &app->reg, msg, sizeof msg))) {
+    if (cfg->pulllog_enabled) {
+        char dir[4096];
+        struct am_pulllog_opts po;
+        am_pulllog_opts_init(&po);
+        if (cfg->pulllog_dir) snprintf(dir, sizeof dir, "%s", cfg->pulllog_dir);
+        else snprintf(dir, sizeof dir, "%s/pulls", cfg->data_dir);
+        po.dir = dir;
+        po.rotate_bytes = cfg->pulllog_rotate_bytes;
+        po.keep_files = (uint32_t)cfg->pulllog_keep_files;
+        if ((rc = am_pulllog_open(&app->loop, &po, &app->pl, msg, sizeof msg))) {
+            fprintf(stderr, "archmirror: pull log: %s\n", msg[0] ? msg : am_error_message(rc));
+            return rc;
+        }
+    }
+    if ((rc = am_registry_new(&app->loop, cfg, app->ms, app->bs, app->pl, &app->reg, msg,
+                              sizeof msg))) {
         fprintf(stderr, "archmirror: upstreams: %s\n", msg[0] ? msg : am_error_message(rc));
         return rc;
     }
@@ -342,6 +367,7 @@ static void abandon(struct app *app)
     }
     am_registry_free(app->reg);
     if (app->bs) am_blobstore_close_store(app->bs, NULL, NULL);
+    if (app->pl) am_pulllog_close(app->pl, NULL, NULL);
     if (app->ms) am_metastore_close(app->ms, NULL, NULL);
     uv_close((uv_handle_t *)&app->sigterm, NULL);
     uv_close((uv_handle_t *)&app->sigint, NULL);

@@ -13,6 +13,10 @@
  *                refused at open; a version is never silently upgraded.
  *   "manifests"  key(upstream, repo, digest) → value
  *   "tags"       key(upstream, repo, tag)    → value
+ *   "platforms"  key(upstream, repo, manifest digest) → value: the platform of a
+ *                single-arch manifest, read from its config blob (added after schema 1
+ *                shipped; a file without it gets it at open, which is why the schema
+ *                version did not change: older builds never open it and are unaffected)
  *
  * Keys. upstream "\0" repo "\0" digest-or-tag. Every component is non-empty printable
  * ASCII without spaces (0x21..0x7e), so the NULs split it unambiguously. The bounded
@@ -32,6 +36,12 @@
  * A value is accepted only if its length is exactly what the header announces, the
  * reserved bytes are zero, the media type has no NUL and the digest text parses.
  * Anything else is AM_ESTORE: LMDB has no checksums, so the header is all we can check.
+ *
+ * Platform values (KIND_PLATFORM) use the same header with m = 0, d = the length of the
+ * config digest text, time = stored_at_ms and size = the byte count of what follows the
+ * digest text: os, architecture, variant and os.version, each as a u8 length (<=
+ * AM_PLATFORM_FIELD_MAX) and that many printable ASCII bytes. Decoded by decode_platform,
+ * which is as strict as decode_value.
  *
  * Threads and ordering. Reads and all bookkeeping run on the loop thread. A put copies
  * its inputs into one allocation (an op) appended to `pending`. When no batch runs, the
@@ -64,10 +74,11 @@
 #define VALUE_VERSION  1u
 #define KIND_MANIFEST  1u
 #define KIND_TAG       2u
+#define KIND_PLATFORM  3u
 #define HDR_LEN        24u
 
 #define DB_FILE "meta.lmdb"
-#define N_DBS   3
+#define N_DBS   4
 
 /* A batch is one transaction; bounding it keeps it far from MDB_TXN_FULL and keeps one
  * failure (which fails the whole batch) from taking too many writes with it. */
@@ -106,6 +117,7 @@ struct am_metastore {
     MDB_dbi dbi_manifests;
     MDB_dbi dbi_tags;
     MDB_dbi dbi_meta;
+    MDB_dbi dbi_platforms;
     MDB_txn *rtxn;          /* owned; the reset read txn reused by every get, or NULL */
     bool rtxn_live;         /* rtxn holds a snapshot until read_end */
     char *path;             /* owned; <dir>/meta.lmdb, for log lines */
@@ -288,7 +300,8 @@ static int create_dbs(struct am_metastore *ms, char *msg, size_t msglen)
     what = "creating the databases";
     if ((rc = mdb_dbi_open(txn, "meta", MDB_CREATE, &ms->dbi_meta)) ||
         (rc = mdb_dbi_open(txn, "manifests", MDB_CREATE, &ms->dbi_manifests)) ||
-        (rc = mdb_dbi_open(txn, "tags", MDB_CREATE, &ms->dbi_tags)))
+        (rc = mdb_dbi_open(txn, "tags", MDB_CREATE, &ms->dbi_tags)) ||
+        (rc = mdb_dbi_open(txn, "platforms", MDB_CREATE, &ms->dbi_platforms)))
         goto fail;
     int src = check_schema(txn, ms->dbi_meta, ms->path, msg, msglen);
     if (src == MDB_NOTFOUND) {
@@ -311,6 +324,23 @@ fail:
     if (txn) mdb_txn_abort(txn);
     fill_msg(msg, msglen, "%s: %s: %s", ms->path, what, mdb_strerror(rc));
     return from_mdb(rc) == AM_ENOT_FOUND ? AM_ESTORE : from_mdb(rc);
+}
+
+/* Adds the "platforms" DB to a file made before it existed: one small write txn, once. */
+static int add_platforms_db(struct am_metastore *ms, char *msg, size_t msglen)
+{
+    MDB_txn *txn = NULL;
+    int rc = mdb_txn_begin(ms->env, NULL, 0, &txn);
+    if (!rc) rc = mdb_dbi_open(txn, "platforms", MDB_CREATE, &ms->dbi_platforms);
+    if (!rc) {
+        rc = mdb_txn_commit(txn);
+        txn = NULL;
+    }
+    if (!rc) return 0;
+    if (txn) mdb_txn_abort(txn);
+    fill_msg(msg, msglen, "%s: adding the platforms database: %s", ms->path, mdb_strerror(rc));
+    rc = from_mdb(rc);
+    return rc == AM_ENOT_FOUND ? AM_ESTORE : rc;
 }
 
 /* Opens the DBs of an existing file with a read txn (no write lock, no fsync); a file
@@ -346,6 +376,14 @@ static int open_dbs(struct am_metastore *ms, char *msg, size_t msglen)
         fill_msg(msg, msglen, "%s: opening the databases: %s", ms->path, mdb_strerror(rc));
         goto fail;
     }
+    /* "platforms" came after the first release: a file without it gets it below. */
+    rc = mdb_dbi_open(txn, "platforms", 0, &ms->dbi_platforms);
+    bool add_platforms = rc == MDB_NOTFOUND;
+    if (rc && !add_platforms) {
+        fill_msg(msg, msglen, "%s: opening the platforms database: %s", ms->path,
+                 mdb_strerror(rc));
+        goto fail;
+    }
     /* Commit, not abort: an aborted txn would close the DBI handles it opened. */
     rc = mdb_txn_commit(txn);
     txn = NULL;
@@ -353,6 +391,7 @@ static int open_dbs(struct am_metastore *ms, char *msg, size_t msglen)
         fill_msg(msg, msglen, "%s: %s", ms->path, mdb_strerror(rc));
         goto fail;
     }
+    if (add_platforms) return add_platforms_db(ms, msg, msglen);
     return 0;
 
 fail:
@@ -623,6 +662,105 @@ done:
     return rc;
 }
 
+/* The four platform fields in value order. */
+static char *platform_field(struct am_platform *p, int i)
+{
+    switch (i) {
+    case 0: return p->os;
+    case 1: return p->architecture;
+    case 2: return p->variant;
+    default: return p->os_version;
+    }
+}
+
+/* A platform field as stored: at most AM_PLATFORM_FIELD_MAX printable ASCII bytes. */
+static bool platform_field_ok(const char *s, size_t n)
+{
+    if (n > AM_PLATFORM_FIELD_MAX) return false;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] < 0x20 || (unsigned char)s[i] > 0x7e) return false;
+    return true;
+}
+
+/* Validates and decodes a platform value into out. Returns 0 or AM_ESTORE (logged). */
+static int decode_platform(const struct am_metastore *ms, const MDB_val *v,
+                           struct am_platform_rec *out)
+{
+    const unsigned char *p = v->mv_data;
+    const char *why = NULL;
+    size_t rest, at;
+    unsigned dg_len;
+
+    if (v->mv_size < HDR_LEN) {
+        why = "shorter than its header";
+        goto bad;
+    }
+    dg_len = p[4];
+    if (get_u16le(p) != VALUE_VERSION || p[2] != KIND_PLATFORM || p[3] || p[5] || p[6] ||
+        p[7]) {
+        why = "wrong version, kind or reserved bytes";
+        goto bad;
+    }
+    rest = v->mv_size - HDR_LEN;
+    if (dg_len == 0 || dg_len > AM_DIGEST_STR_MAX || dg_len > rest ||
+        get_u64le(p + 16) != rest - dg_len) {
+        why = "length does not match its header";
+        goto bad;
+    }
+    if (am_digest_parse((const char *)p + HDR_LEN, dg_len, &out->config) != 0) {
+        why = "invalid config digest";
+        goto bad;
+    }
+    at = HDR_LEN + dg_len;
+    for (int i = 0; i < 4; i++) {
+        if (at >= v->mv_size || p[at] > v->mv_size - at - 1) {
+            why = "platform fields exceed the value";
+            goto bad;
+        }
+        size_t n = p[at];
+        const char *s = (const char *)p + at + 1;
+        if (!platform_field_ok(s, n)) {
+            why = "invalid platform field";
+            goto bad;
+        }
+        char *dst = platform_field(&out->platform, i);
+        memcpy(dst, s, n);
+        dst[n] = '\0';
+        at += 1 + n;
+    }
+    if (at != v->mv_size) {
+        why = "bytes after the platform fields";
+        goto bad;
+    }
+    out->stored_at_ms = get_u64le(p + 8);
+    return 0;
+
+bad:
+    memset(out, 0, sizeof *out);
+    AM_WARN("metastore: %s: corrupt platform record (%zu bytes): %s", ms->path, v->mv_size, why);
+    return AM_ESTORE;
+}
+
+int am_metastore_get_platform(struct am_metastore *ms, const char *upstream, const char *repo,
+                              const struct am_digest *manifest, struct am_platform_rec *out)
+{
+    struct key k;
+    MDB_val v;
+    int rc;
+
+    if (!out) return AM_EINVAL;
+    memset(out, 0, sizeof *out);
+    if (!ms) return AM_EINVAL;
+    if (ms->closing) return AM_EUNAVAILABLE;
+    if (!digest_ok(manifest)) return AM_EINVAL;
+    if ((rc = make_key(ms, upstream, repo, manifest->str, AM_DIGEST_STR_MAX, &k))) return rc;
+    if ((rc = read_begin(ms, ms->dbi_platforms, &k, &v))) return rc;
+    /* From here the view v is live: every path goes through read_end. */
+    rc = decode_platform(ms, &v, out);
+    read_end(ms);
+    return rc;
+}
+
 bool am_metastore_tag_is_fresh(const struct am_tag_rec *rec, uint64_t now_ms, uint64_t window_ms)
 {
     /* Written so that no subtraction can wrap: see the header for the rule. */
@@ -838,6 +976,43 @@ int am_metastore_put_tag(struct am_metastore *ms, const char *upstream, const ch
     encode_header(v, KIND_TAG, mt_len, dg_len, rec->fetched_at_ms, rec->size);
     memcpy(v + HDR_LEN, rec->media_type, mt_len);
     memcpy(v + HDR_LEN + mt_len, rec->digest.str, dg_len);
+    enqueue(ms, o);
+    return 0;
+}
+
+int am_metastore_put_platform(struct am_metastore *ms, const char *upstream, const char *repo,
+                              const struct am_digest *manifest,
+                              const struct am_platform_rec *rec, am_metastore_cb cb, void *arg)
+{
+    struct key k;
+    size_t lens[4], body = 0;
+    int rc;
+
+    if (!ms || !rec) return AM_EINVAL;
+    if (ms->closing) return AM_EUNAVAILABLE;
+    if (!digest_ok(manifest) || !digest_ok(&rec->config)) return AM_EINVAL;
+    struct am_platform pf = rec->platform; /* platform_field wants a mutable one */
+    for (int i = 0; i < 4; i++) {
+        const char *s = platform_field(&pf, i);
+        lens[i] = strnlen(s, AM_PLATFORM_FIELD_MAX + 1);
+        if (!platform_field_ok(s, lens[i])) return AM_EINVAL;
+        body += 1 + lens[i];
+    }
+    size_t dg_len = strlen(rec->config.str);
+    if ((rc = make_key(ms, upstream, repo, manifest->str, AM_DIGEST_STR_MAX, &k))) return rc;
+
+    struct op *o = op_new(ms->dbi_platforms, &k, HDR_LEN + dg_len + body, cb, arg);
+    if (!o) return AM_ENOMEM;
+    unsigned char *v = o->data + o->klen;
+    encode_header(v, KIND_PLATFORM, 0, dg_len, am_metastore_now_ms(), body);
+    unsigned char *w = v + HDR_LEN;
+    memcpy(w, rec->config.str, dg_len);
+    w += dg_len;
+    for (int i = 0; i < 4; i++) {
+        *w++ = (unsigned char)lens[i];
+        memcpy(w, platform_field(&pf, i), lens[i]);
+        w += lens[i];
+    }
     enqueue(ms, o);
     return 0;
 }

@@ -25,6 +25,7 @@
 #include "archmirror/manifests.h"
 #include "archmirror/mediatype.h"
 #include "archmirror/metrics.h"
+#include "archmirror/pulllog.h"
 #include "archmirror/route.h"
 #include "archmirror/upstream.h"
 
@@ -39,6 +40,7 @@ struct am_registry {
     const struct am_config *cfg;
     struct am_metastore *ms;
     struct am_blobstore *bs;   /* borrowed; NULL without a blob store */
+    struct am_pulllog *pl;     /* borrowed; NULL when the pull log is off */
     struct am_blobflights *bf; /* owned; NULL without a blob store */
     struct am_manifests *mf;   /* owned */
     struct am_upstream *ups[AM_CONFIG_MAX_UPSTREAMS]; /* owned; index = cfg->upstreams */
@@ -551,6 +553,7 @@ void am_registry_handle(void *ctx, struct am_http_exchange *ex)
         am_http_respond(ex, 200, NULL, h, 1, "ok\n", 3);
         return;
     }
+    if (strncmp(req->path, "/api/v1/", 8) == 0 && am_pulllog_handle(reg->pl, ex)) return;
     if (strcmp(req->path, "/metrics") == 0) {
         respond_metrics(reg, ex);
         return;
@@ -621,7 +624,8 @@ void am_registry_handle(void *ctx, struct am_http_exchange *ex)
 }
 
 int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_metastore *ms,
-                    struct am_blobstore *bs, struct am_registry **out, char *msg, size_t msglen)
+                    struct am_blobstore *bs, struct am_pulllog *pl, struct am_registry **out,
+                    char *msg, size_t msglen)
 {
     struct am_registry *reg = calloc(1, sizeof *reg);
     if (!reg) return AM_ENOMEM;
@@ -629,6 +633,7 @@ int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_meta
     reg->cfg = cfg;
     reg->ms = ms;
     reg->bs = bs;
+    reg->pl = pl;
     if (bs && am_blobflights_new(loop, bs, &reg->bf)) {
         free(reg);
         return AM_ENOMEM;

@@ -843,6 +843,11 @@ static int on_headers_complete(llhttp_t *p)
     struct xchg *x = c->x;
     int status = llhttp_get_status_code(p);
     if (c->hstate == HS_VALUE) header_finish(c);
+    if (status < 100 || status > 599) { /* RFC 9112 §4: 3DIGIT; RFC 9110 §15: 100-599 */
+        c->fail = AM_EUPSTREAM_PROTOCOL;
+        set_msg(c->msg, "%s sent an invalid status code %d", c->org.host, status);
+        return -1;
+    }
     if (status >= 100 && status < 200) {
         /* Interim responses (RFC 9110 §15.2) precede the real one; 101 would switch
          * protocols, which we never asked for. */
@@ -852,7 +857,7 @@ static int on_headers_complete(llhttp_t *p)
             return -1;
         }
         c->interim = true;
-        return 0;
+        return 1; /* RFC 9110 §15.2: a 1xx ends with its header section, no content */
     }
     c->head_done = true;
 

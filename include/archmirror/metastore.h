@@ -10,7 +10,8 @@
  * full disks become AM_ESTORE_FULL / AM_ESTORE_READONLY, never a crash.
  *
  * On disk: <dir>/meta.lmdb and <dir>/meta.lmdb-lock (LMDB with MDB_NOSUBDIR), named
- * DBs "manifests", "tags" and "meta" (schema version). A store must not be opened twice
+ * DBs "manifests", "tags", "platforms" (the platform of a single-arch manifest, derived
+ * from its config blob) and "meta" (schema version). A store must not be opened twice
  * in one process at the same time (LMDB's rule). Key and value encodings are in
  * src/metastore.c. Upstream, repository and tag are bounded by AM_REGISTRY_MAX,
  * AM_NAME_MAX and AM_TAG_MAX and must be printable ASCII without spaces (the reference
@@ -93,6 +94,26 @@ int am_metastore_put_manifest(struct am_metastore *ms, const char *upstream, con
 int am_metastore_put_tag(struct am_metastore *ms, const char *upstream, const char *repo,
                          const char *tag, const struct am_tag_rec *rec, am_metastore_cb cb,
                          void *arg);
+
+/* The platform of a single-arch manifest, as read from its config blob (the platform
+ * module's am_platform_from_config_json), keyed by (upstream, repository, manifest
+ * digest). Derived data: the caller stores it only after the config blob hashed to
+ * rec->config. Fields are at most AM_PLATFORM_FIELD_MAX bytes of printable ASCII
+ * (0x20..0x7e); os.features are not kept. */
+struct am_platform_rec {
+    struct am_platform platform; /* normalised by the caller */
+    struct am_digest config;     /* the config blob it was read from */
+    uint64_t stored_at_ms;       /* set by the put (wall clock); ignored on input */
+};
+/* Read, as the other gets: 0, AM_ENOT_FOUND, AM_EINVAL, AM_ESTORE (a stored value that
+ * fails validation), AM_EUNAVAILABLE; out is always initialised (zeroed on failure). */
+int am_metastore_get_platform(struct am_metastore *ms, const char *upstream, const char *repo,
+                              const struct am_digest *manifest, struct am_platform_rec *out);
+/* Write, as the other puts (queued, batched, cb with the commit's status); AM_EINVAL also
+ * for a field that is too long or not printable ASCII, or an invalid config digest. */
+int am_metastore_put_platform(struct am_metastore *ms, const char *upstream, const char *repo,
+                              const struct am_digest *manifest,
+                              const struct am_platform_rec *rec, am_metastore_cb cb, void *arg);
 
 /* Milliseconds since the epoch (wall clock), the unit of fetched_at_ms. */
 uint64_t am_metastore_now_ms(void);

@@ -1044,6 +1044,99 @@ static void put_with_body_gets_handler_response_and_body_is_discarded(void **sta
     free(f);
 }
 
+/* "<len>:<first 64 bytes>" of the request body; checks its NUL terminator. */
+static void respond_body(struct am_http_exchange *ex)
+{
+    size_t len = 12345;
+    const char *b = am_http_req_body(ex, &len);
+    assert_non_null(b);
+    assert_int_equal(b[len], '\0');
+    assert_ptr_equal(am_http_req_body(ex, NULL), b);
+    char out[128];
+    size_t n = (size_t)snprintf(out, sizeof out, "%zu:", len), k = len < 64 ? len : 64;
+    memcpy(out + n, b, k); /* not %.*s: a body may hold NULs */
+    assert_int_equal(am_http_respond(ex, 200, NULL, NULL, 0, out, n + k), 0);
+}
+
+struct body_later {
+    uv_timer_t t;
+    struct am_http_exchange *ex;
+};
+
+static void on_body_later(uv_timer_t *t)
+{
+    struct body_later *l = t->data;
+    respond_body(l->ex); /* the body is still there while the exchange is ours */
+    uv_close((uv_handle_t *)&l->t, on_later_closed);
+}
+
+/* "/later" answers from a 0 ms timer, everything else at once. */
+static void h_body(struct fx *f, struct am_http_exchange *ex)
+{
+    if (strcmp(am_http_request_of(ex)->path, "/later") != 0) {
+        respond_body(ex);
+        return;
+    }
+    struct body_later *l = calloc(1, sizeof *l);
+    assert_non_null(l);
+    l->ex = ex;
+    uv_timer_init(&f->loop, &l->t);
+    l->t.data = l;
+    uv_timer_start(&l->t, on_body_later, 0, 0);
+}
+
+static char big_req[700000];
+
+static void c_bodies(struct fx *f)
+{
+    struct cli c;
+    if (cli_connect(&c, f->port)) return;
+    cli_send(&c, "POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n\r\nhello world");
+    f->rc[0] = cli_response(&c, false, &f->r[0]);
+    cli_send(&c, "POST /later HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
+    f->rc[1] = cli_response(&c, false, &f->r[1]);
+    /* A request without a body after ones with: nothing of theirs is left over. */
+    cli_send(&c, "GET /b HTTP/1.1\r\nHost: t\r\n\r\n");
+    f->rc[2] = cli_response(&c, false, &f->r[2]);
+    char head[128];
+    int n = snprintf(head, sizeof head, "PUT /b HTTP/1.1\r\nHost: t\r\nContent-Length: %zu\r\n\r\n",
+                     sizeof big_req);
+    cli_send_n(&c, head, (size_t)n);
+    cli_send_n(&c, big_req, sizeof big_req);
+    f->rc[3] = cli_response(&c, false, &f->r[3]);
+    /* Pipelined: two bodies in one write, each seen by its own request only. */
+    cli_send(&c, "POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\none"
+                 "POST /later HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nthree"
+                 "POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
+    f->rc[4] = cli_response(&c, false, &f->r[4]);
+    f->rc[5] = cli_response(&c, false, &f->r[5]);
+    f->rc[6] = cli_response(&c, false, &f->r[6]);
+    cli_close(&c);
+}
+
+static void request_bodies_are_kept_for_the_handler_until_the_exchange_ends(void **state)
+{
+    for (size_t i = 0; i < sizeof big_req; i++) big_req[i] = (char)('A' + i % 23);
+    big_req[5] = '\0'; /* bodies are bytes, not strings */
+    struct fx *f = fx_new(c_bodies, h_body);
+    fx_run(f);
+    for (int i = 0; i < 7; i++) {
+        assert_int_equal(f->rc[i], 0);
+        assert_int_equal(f->r[i].status, 200);
+    }
+    assert_string_equal(f->r[0].body, "11:hello world");
+    assert_string_equal(f->r[1].body, "11:hello world");
+    assert_string_equal(f->r[2].body, "0:");
+    assert_int_equal(f->r[3].body_len, strlen("700000:") + 64);
+    assert_memory_equal(f->r[3].body, "700000:ABCDE\0GHIJ", 17);
+    assert_string_equal(f->r[4].body, "3:one");
+    assert_string_equal(f->r[5].body, "5:three");
+    assert_string_equal(f->r[6].body, "0:");
+    assert_int_equal(f->calls, 7);
+    free(f);
+}
+
 static void c_huge_body(struct fx *f)
 {
     exchange_and_eof(f, 0, RAW("PUT /up HTTP/1.1\r\nHost: t\r\nContent-Length: 2000000\r\n\r\n"));
@@ -1364,6 +1457,7 @@ int main(void)
         cmocka_unit_test(max_connections_1_gives_503_to_a_second_concurrent_connection),
         cmocka_unit_test(put_with_body_gets_handler_response_and_body_is_discarded),
         cmocka_unit_test(request_body_over_1_mib_gets_413),
+        cmocka_unit_test(request_bodies_are_kept_for_the_handler_until_the_exchange_ends),
         cmocka_unit_test(http_1_0_without_keep_alive_closes_after_response),
         cmocka_unit_test(custom_reason_phrase_appears_verbatim_and_cr_lf_are_sanitised),
         cmocka_unit_test(drain_lets_an_active_exchange_finish_and_then_done_runs),

@@ -987,6 +987,222 @@ static void detects_corrupt_manifest_records(void **state)
     finish(f);
 }
 
+/* ---- platforms ---- */
+
+static struct am_platform_rec platform_rec(const char *os, const char *arch, const char *variant,
+                                           int config)
+{
+    struct am_platform_rec r;
+    memset(&r, 0, sizeof r);
+    snprintf(r.platform.os, sizeof r.platform.os, "%s", os);
+    snprintf(r.platform.architecture, sizeof r.platform.architecture, "%s", arch);
+    snprintf(r.platform.variant, sizeof r.platform.variant, "%s", variant);
+    digest_of_int(config, &r.config);
+    return r;
+}
+
+static int put_platform_now(struct fixture *f, const char *up, const char *repo,
+                            const struct am_digest *m, const struct am_platform_rec *rec)
+{
+    struct call c = {.f = f};
+    assert_int_equal(am_metastore_put_platform(f->ms, up, repo, m, rec, on_put, &c), 0);
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(c.calls, 1);
+    return c.status;
+}
+
+static void stores_and_reads_back_the_platform_of_a_manifest(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest m;
+    struct am_platform_rec in = platform_rec("windows", "amd64", "", 9), out;
+    snprintf(in.platform.os_version, sizeof in.platform.os_version, "10.0.17763.5820");
+    digest_of_int(1, &m);
+    open_store(f, 0);
+
+    uint64_t before = am_metastore_now_ms();
+    /* Visible as soon as the put returned, before the commit. */
+    struct call c = {.f = f};
+    assert_int_equal(am_metastore_put_platform(f->ms, "docker.io", "library/a", &m, &in, on_put, &c),
+                     0);
+    assert_int_equal(am_metastore_get_platform(f->ms, "docker.io", "library/a", &m, &out), 0);
+    assert_string_equal(out.platform.os, "windows");
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(c.calls, 1);
+    assert_int_equal(c.status, 0);
+    uint64_t after = am_metastore_now_ms();
+
+    assert_int_equal(am_metastore_get_platform(f->ms, "docker.io", "library/a", &m, &out), 0);
+    assert_string_equal(out.platform.os, "windows");
+    assert_string_equal(out.platform.architecture, "amd64");
+    assert_string_equal(out.platform.variant, "");
+    assert_string_equal(out.platform.os_version, "10.0.17763.5820");
+    assert_string_equal(out.config.str, in.config.str);
+    assert_true(out.stored_at_ms >= before && out.stored_at_ms <= after);
+
+    /* Scoped like manifests: another repository or upstream does not see it. */
+    assert_int_equal(am_metastore_get_platform(f->ms, "docker.io", "library/b", &m, &out),
+                     AM_ENOT_FOUND);
+    assert_string_equal(out.platform.os, "");
+    assert_int_equal(am_metastore_get_platform(f->ms, "ghcr.io", "library/a", &m, &out),
+                     AM_ENOT_FOUND);
+    /* Overwritten by a later put; survives a reopen. */
+    struct am_platform_rec arm = platform_rec("linux", "arm", "v7", 10);
+    assert_int_equal(put_platform_now(f, "docker.io", "library/a", &m, &arm), 0);
+    close_store(f);
+    open_store(f, 0);
+    assert_int_equal(am_metastore_get_platform(f->ms, "docker.io", "library/a", &m, &out), 0);
+    assert_string_equal(out.platform.architecture, "arm");
+    assert_string_equal(out.platform.variant, "v7");
+    assert_string_equal(out.platform.os_version, "");
+    assert_string_equal(out.config.str, arm.config.str);
+    finish(f);
+}
+
+static void rejects_platform_records_out_of_bounds_without_calling_back(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest m;
+    struct call c = {.f = f};
+    struct am_platform_rec r = platform_rec("linux", "arm64", "", 2), out;
+    digest_of_int(1, &m);
+    open_store(f, 0);
+
+    struct am_platform_rec bad = r;
+    memset(bad.platform.variant, 'v', sizeof bad.platform.variant); /* no NUL */
+    assert_int_equal(am_metastore_put_platform(f->ms, "docker.io", "x", &m, &bad, on_put, &c),
+                     AM_EINVAL);
+    bad = r;
+    bad.platform.os[1] = '\n';
+    assert_int_equal(am_metastore_put_platform(f->ms, "docker.io", "x", &m, &bad, on_put, &c),
+                     AM_EINVAL);
+    bad = r;
+    snprintf(bad.config.str, sizeof bad.config.str, "sha256:abc");
+    assert_int_equal(am_metastore_put_platform(f->ms, "docker.io", "x", &m, &bad, on_put, &c),
+                     AM_EINVAL);
+    struct am_digest badm = m;
+    badm.str[10] = 'G';
+    assert_int_equal(am_metastore_put_platform(f->ms, "docker.io", "x", &badm, &r, on_put, &c),
+                     AM_EINVAL);
+    assert_int_equal(am_metastore_get_platform(f->ms, "docker.io", "x", &badm, &out), AM_EINVAL);
+    assert_int_equal(am_metastore_put_platform(f->ms, "docker.io", "", &m, &r, on_put, &c),
+                     AM_EINVAL);
+    assert_int_equal(am_metastore_put_platform(f->ms, "docker.io", "x", &m, NULL, on_put, &c),
+                     AM_EINVAL);
+    /* A field of exactly AM_PLATFORM_FIELD_MAX bytes is fine. */
+    struct am_platform_rec longest = r;
+    memset(longest.platform.os_version, '1', AM_PLATFORM_FIELD_MAX);
+    longest.platform.os_version[AM_PLATFORM_FIELD_MAX] = '\0';
+    assert_int_equal(put_platform_now(f, "docker.io", "x", &m, &longest), 0);
+    assert_int_equal(am_metastore_get_platform(f->ms, "docker.io", "x", &m, &out), 0);
+    assert_int_equal(strlen(out.platform.os_version), AM_PLATFORM_FIELD_MAX);
+    assert_int_equal(c.calls, 0);
+    finish(f);
+}
+
+/* A platform value as src/metastore.c lays it out: header, digest, 4 × (len, bytes). */
+static size_t encode_platform(unsigned char *p, const char *dg, const char *const fields[4])
+{
+    unsigned char body[300];
+    size_t bl = 0;
+    for (int i = 0; i < 4; i++) {
+        size_t n = strlen(fields[i]);
+        body[bl++] = (unsigned char)n;
+        memcpy(body + bl, fields[i], n);
+        bl += n;
+    }
+    /* encode() puts the digest after the (empty) media type, then the body. */
+    return encode(p, 3, "", dg, 42, bl, (const char *)body, bl);
+}
+
+static void detects_corrupt_platform_records(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest m, cfg;
+    struct am_platform_rec out;
+    unsigned char v[512], key[256];
+    size_t n, kl;
+    const char *const good[4] = {"linux", "arm", "v7", ""};
+    digest_of_int(6, &m);
+    digest_of_int(7, &cfg);
+    kl = (size_t)snprintf((char *)key, sizeof key, "docker.io%clibrary/p%c%s", 0, 0, m.str);
+    open_store(f, 0);
+    close_store(f);
+
+#define GET_AFTER_RAW(val, len)                                                                    \
+    (raw_put(f->dir, "platforms", key, kl, (val), (len)), open_store(f, 0),                        \
+     rc = am_metastore_get_platform(f->ms, "docker.io", "library/p", &m, &out), close_store(f),    \
+     rc)
+    int rc;
+    n = encode_platform(v, cfg.str, good);
+    assert_int_equal(GET_AFTER_RAW(v, n), 0);
+    assert_string_equal(out.platform.architecture, "arm");
+    assert_string_equal(out.platform.variant, "v7");
+    assert_string_equal(out.config.str, cfg.str);
+    assert_int_equal(out.stored_at_ms, 42);
+
+    assert_int_equal(GET_AFTER_RAW(v, n - 1), AM_ESTORE); /* truncated */
+    v[n] = 'x';
+    assert_int_equal(GET_AFTER_RAW(v, n + 1), AM_ESTORE); /* trailing byte */
+    assert_int_equal(GET_AFTER_RAW(v, 10), AM_ESTORE);    /* short header */
+    n = encode_platform(v, cfg.str, good);
+    v[2] = 2; /* a tag's kind */
+    assert_int_equal(GET_AFTER_RAW(v, n), AM_ESTORE);
+    n = encode_platform(v, cfg.str, good);
+    v[5] = 1; /* reserved */
+    assert_int_equal(GET_AFTER_RAW(v, n), AM_ESTORE);
+    n = encode_platform(v, "sha256:nothex", good);
+    assert_int_equal(GET_AFTER_RAW(v, n), AM_ESTORE);
+    const char *const ctl[4] = {"linux", "ar\x01m", "v7", ""};
+    n = encode_platform(v, cfg.str, ctl);
+    assert_int_equal(GET_AFTER_RAW(v, n), AM_ESTORE);
+    n = encode_platform(v, cfg.str, good);
+    v[24 + strlen(cfg.str)] = 200; /* a field length past the end */
+    assert_int_equal(GET_AFTER_RAW(v, n), AM_ESTORE);
+    assert_string_equal(out.platform.os, "");
+#undef GET_AFTER_RAW
+    finish(f);
+}
+
+/* A store written before the "platforms" DB existed (meta, manifests, tags only) opens,
+ * keeps its records, and gains the new DB. */
+static void adds_the_platforms_database_to_an_older_store(void **state)
+{
+    struct fixture *f = *state;
+    char path[4200];
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi meta, dbi;
+    snprintf(path, sizeof path, "%s/meta.lmdb", f->dir);
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 3), 0);
+    assert_int_equal(mdb_env_open(env, path, MDB_NOSUBDIR, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, "meta", MDB_CREATE, &meta), 0);
+    assert_int_equal(mdb_dbi_open(txn, "manifests", MDB_CREATE, &dbi), 0);
+    assert_int_equal(mdb_dbi_open(txn, "tags", MDB_CREATE, &dbi), 0);
+    MDB_val k = {.mv_size = 6, .mv_data = "schema"};
+    MDB_val v = {.mv_size = 4, .mv_data = "\x01\0\0\0"};
+    assert_int_equal(mdb_put(txn, meta, &k, &v, 0), 0);
+    assert_int_equal(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+
+    struct am_tag_rec tag = tag_rec(3, 1700000000000u), got;
+    struct am_digest m;
+    struct am_platform_rec pr = platform_rec("linux", "amd64", "", 4), out;
+    digest_of_int(5, &m);
+    open_store(f, 0);
+    assert_int_equal(put_tag_now(f, "docker.io", "library/old", "1", &tag), 0);
+    assert_int_equal(put_platform_now(f, "docker.io", "library/old", &m, &pr), 0);
+    close_store(f);
+    open_store(f, 0); /* second open: the DB exists now */
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/old", "1", &got), 0);
+    assert_tag_equal(&got, &tag);
+    assert_int_equal(am_metastore_get_platform(f->ms, "docker.io", "library/old", &m, &out), 0);
+    assert_string_equal(out.platform.architecture, "amd64");
+    finish(f);
+}
+
 static void refuses_a_newer_schema_version(void **state)
 {
     struct fixture *f = *state;
@@ -1094,6 +1310,10 @@ int main(void)
         T(creates_missing_parent_directories),
         T(detects_corrupt_tag_records),
         T(detects_corrupt_manifest_records),
+        T(stores_and_reads_back_the_platform_of_a_manifest),
+        T(rejects_platform_records_out_of_bounds_without_calling_back),
+        T(detects_corrupt_platform_records),
+        T(adds_the_platforms_database_to_an_older_store),
         T(refuses_a_newer_schema_version),
         T(refuses_a_file_that_is_not_an_lmdb_store),
         cmocka_unit_test(treats_a_tag_as_fresh_strictly_inside_the_window),
