@@ -25,7 +25,12 @@
 #include "archmirror/manifests.h"
 #include "archmirror/mediatype.h"
 #include "archmirror/metrics.h"
+#include "archmirror/diagnostics.h"
+#include "archmirror/imageinfo.h"
+#include "archmirror/platform.h"
+#include "archmirror/platformapi.h"
 #include "archmirror/pulllog.h"
+#include "archmirror/pulltrack.h"
 #include "archmirror/route.h"
 #include "archmirror/upstream.h"
 
@@ -43,6 +48,9 @@ struct am_registry {
     struct am_pulllog *pl;     /* borrowed; NULL when the pull log is off */
     struct am_blobflights *bf; /* owned; NULL without a blob store */
     struct am_manifests *mf;   /* owned */
+    struct am_imageinfo *ii;   /* owned */
+    struct am_platformapi *api; /* owned */
+    struct am_pulltrack *pt;   /* owned */
     struct am_upstream *ups[AM_CONFIG_MAX_UPSTREAMS]; /* owned; index = cfg->upstreams */
     size_t n_ups;
 };
@@ -375,8 +383,18 @@ static int pick_upstream(struct am_registry *reg, struct am_http_exchange *ex,
 
 /* A client waiting for a manifest answer. */
 struct mreq {
+    struct am_registry *reg;
     struct am_http_exchange *ex;
-    struct am_manifests_waiter *waiter;
+    struct am_manifests_waiter *waiter;  /* while the manifest query runs */
+    struct am_imageinfo_waiter *iwaiter; /* while the enforce check runs */
+    struct am_manifests_query q;         /* its strings point into this struct */
+    char repo[AM_NAME_MAX + 1];
+    char tag[AM_TAG_MAX + 1];
+    struct am_digest digest;
+    char ctx[48];
+    char peer[AM_PULLLOG_CLIENT_MAX];
+    struct am_platform node[AM_DIAG_NODE_MAX]; /* X-Node-Platform */
+    size_t n_node;
     char accept[ACCEPT_MAX];
 };
 
@@ -384,6 +402,7 @@ static void on_mreq_gone(void *arg)
 {
     struct mreq *m = arg;
     am_manifests_cancel(m->waiter);
+    am_imageinfo_cancel(m->iwaiter);
     free(m);
 }
 
@@ -417,39 +436,112 @@ static void answer_manifest(struct am_http_exchange *ex, const char *accept,
     if (am_http_start(ex, 200, NULL, h, sizeof h / sizeof h[0], r->size) == 0) am_http_end(ex);
 }
 
+static void image_ref(const struct am_registry *reg, size_t up_idx, const char *repo,
+                      const char *tag, char *out, size_t cap)
+{
+    snprintf(out, cap, "%s/%s%s%s", reg->cfg->upstreams[up_idx].name, repo, tag ? ":" : "",
+             tag ? tag : "");
+}
+
+static struct am_pulltrack_event event_of(const struct mreq *m, const struct am_digest *d,
+                                          const char *media_type, uint64_t size,
+                                          const char *bytes, bool hit)
+{
+    struct am_pulltrack_event ev = {
+        .peer = m->peer,
+        .node = m->node,
+        .n_node = m->n_node,
+        .up_idx = m->q.up_idx,
+        .repo = m->repo,
+        .tag = m->q.tag,
+        .media_type = media_type,
+        .digest = d,
+        .bytes = bytes,
+        .size = size,
+        .cache_hit = hit,
+    };
+    return ev;
+}
+
+/* Whether the node can run the image; when it cannot, logs, counts and records it. */
+static bool judge(struct am_registry *reg, const struct mreq *m,
+                  const struct am_imageinfo_image *img, char *reason)
+{
+    struct am_platform has[AM_IMAGEINFO_PLATFORMS_MAX];
+    for (size_t i = 0; i < img->n_platforms; i++) has[i] = img->platforms[i].platform;
+    if (am_diagnostics_runnable(m->node, m->n_node, has, img->n_platforms)) return true;
+    char ref[AM_REGISTRY_MAX + AM_NAME_MAX + AM_TAG_MAX + 4], node[AM_PLATFORM_FORMAT_SIZE];
+    image_ref(reg, m->q.up_idx, m->repo, m->q.tag, ref, sizeof ref);
+    am_platform_format(&m->node[0], node, sizeof node);
+    am_diagnostics_reason(ref, &m->node[0], has, img->n_platforms, reason);
+    AM_WARN("%s %s: %s", m->ctx, m->peer, reason);
+    am_metrics_count_mismatch(ref, node);
+    struct am_pulltrack_event ev = event_of(m, &img->digest, img->media_type, 0, NULL, true);
+    am_pulltrack_record_mismatch(reg->pt, &ev, img);
+    return false;
+}
+
+/* warn mode: the pull was answered; judge it in the background, once the image's
+ * platforms are known (from the caches, or fetched once). */
+struct warn_check {
+    struct am_registry *reg;
+    struct mreq m;
+};
+
+static void on_warn_checked(void *arg, const struct am_imageinfo_result *r)
+{
+    struct warn_check *wc = arg;
+    char reason[AM_DIAG_REASON_MAX + 1];
+    if (!r->err && r->image) judge(wc->reg, &wc->m, r->image, reason);
+    free(wc);
+}
+
+static void warn_check(struct am_registry *reg, const struct mreq *m, const struct am_digest *d)
+{
+    struct am_imageinfo_image img;
+    char reason[AM_DIAG_REASON_MAX + 1];
+    if (am_imageinfo_lookup_cached(reg->ii, m->q.up_idx, m->repo, d, &img) == 0) {
+        judge(reg, m, &img, reason);
+        return;
+    }
+    struct warn_check *wc = malloc(sizeof *wc);
+    if (!wc) return;
+    wc->reg = reg;
+    wc->m = *m;
+    wc->m.ex = NULL;
+    wc->m.q.repo = wc->m.repo;
+    wc->m.q.tag = wc->m.tag;
+    struct am_imageinfo_query iq = {.up_idx = m->q.up_idx, .repo = wc->m.repo, .digest = d,
+                                    .log_ctx = m->ctx};
+    struct am_imageinfo_waiter *w;
+    if (am_imageinfo_get(reg->ii, &iq, on_warn_checked, wc, &w) != 0) free(wc);
+    /* No handle is kept: the check outlives the client; am_imageinfo_free answers it. */
+}
+
 static void on_mreq_result(void *arg, const struct am_manifests_result *r)
 {
     struct mreq *m = arg;
-    if (!r->err) am_metrics_count_cache(false, strcmp(r->cache_state, "miss") != 0);
+    struct am_registry *reg = m->reg;
+    m->waiter = NULL;
+    bool hit = !r->err && strcmp(r->cache_state, "miss") != 0;
+    if (!r->err) am_metrics_count_cache(false, hit);
     answer_manifest(m->ex, m->accept, r);
+    if (!r->err) {
+        struct am_pulltrack_event ev = event_of(m, r->digest, r->media_type, r->size, r->bytes,
+                                                hit);
+        if (reg->pt) am_pulltrack_observe(reg->pt, &ev);
+        if (m->q.tag && m->n_node && reg->cfg->diagnostics == AM_DIAG_WARN && reg->ii)
+            warn_check(reg, m, r->digest);
+    }
     free(m);
 }
 
-static void handle_manifest(struct am_registry *reg, struct am_http_exchange *ex,
-                            const struct am_http_request *req, const struct am_route *rt,
-                            size_t up_idx, const char *repo, const char *accept)
+/* Asks the manifest cache; the answer goes to on_mreq_result. */
+static void mreq_run(struct mreq *m)
 {
-    char ctx[48];
-    snprintf(ctx, sizeof ctx, "c%llu r%llu", (unsigned long long)req->conn_id,
-             (unsigned long long)req->id);
-    struct am_manifests_query q = {
-        .up_idx = up_idx,
-        .repo = repo,
-        .tag = rt->by_digest ? NULL : rt->tag,
-        .digest = rt->by_digest ? &rt->digest : NULL,
-        .need_body = !req->is_head,
-        .log_ctx = ctx,
-    };
-    struct mreq *m = malloc(sizeof *m);
-    if (!m) {
-        respond_error(ex, AM_ENOMEM, NULL);
-        return;
-    }
-    m->ex = ex;
-    m->waiter = NULL;
-    snprintf(m->accept, sizeof m->accept, "%s", accept);
     struct am_manifests_waiter *w;
-    int rc = am_manifests_get(reg->mf, &q, on_mreq_result, m, &w);
+    struct am_http_exchange *ex = m->ex;
+    int rc = am_manifests_get(m->reg->mf, &m->q, on_mreq_result, m, &w);
     if (rc) {
         free(m);
         respond_error(ex, rc, NULL);
@@ -458,6 +550,76 @@ static void handle_manifest(struct am_registry *reg, struct am_http_exchange *ex
     if (!w) return; /* answered already: on_mreq_result freed m */
     m->waiter = w;
     am_http_set_callbacks(ex, NULL, on_mreq_gone, m);
+}
+
+/* enforce mode: a tag the node cannot run is refused with 409 and the diagnosis in the
+ * reason phrase — the only server text containerd shows for a tag HEAD. */
+static void on_enforce_checked(void *arg, const struct am_imageinfo_result *r)
+{
+    struct mreq *m = arg;
+    m->iwaiter = NULL;
+    char reason[AM_DIAG_REASON_MAX + 1];
+    if (!r->err && r->image && !judge(m->reg, m, r->image, reason)) {
+        struct am_platform has[AM_IMAGEINFO_PLATFORMS_MAX];
+        for (size_t i = 0; i < r->image->n_platforms; i++) has[i] = r->image->platforms[i].platform;
+        char ref[AM_REGISTRY_MAX + AM_NAME_MAX + AM_TAG_MAX + 4];
+        image_ref(m->reg, m->q.up_idx, m->repo, m->q.tag, ref, sizeof ref);
+        char *body = am_diagnostics_body(ref, m->node, m->n_node, has, r->image->n_platforms,
+                                         reason);
+        struct am_http_header h[] = {hdr("Content-Type", "application/json"),
+                                     hdr(API_VERSION_HDR, API_VERSION)};
+        if (body) am_http_respond(m->ex, 409, reason, h, 2, body, strlen(body));
+        else am_http_respond_error(m->ex, AM_EDENIED, reason, reason, h + 1, 1);
+        free(body);
+        free(m);
+        return;
+    }
+    /* Runnable, or not judgeable (the manifest query reports its own errors). */
+    mreq_run(m);
+}
+
+static void handle_manifest(struct am_registry *reg, struct am_http_exchange *ex,
+                            const struct am_http_request *req, const struct am_route *rt,
+                            size_t up_idx, const char *repo, const char *accept)
+{
+    struct mreq *m = calloc(1, sizeof *m);
+    if (!m) {
+        respond_error(ex, AM_ENOMEM, NULL);
+        return;
+    }
+    m->reg = reg;
+    m->ex = ex;
+    snprintf(m->ctx, sizeof m->ctx, "c%llu r%llu", (unsigned long long)req->conn_id,
+             (unsigned long long)req->id);
+    snprintf(m->peer, sizeof m->peer, "%s", req->peer);
+    snprintf(m->repo, sizeof m->repo, "%s", repo);
+    snprintf(m->accept, sizeof m->accept, "%s", accept);
+    if (rt->by_digest) m->digest = rt->digest;
+    else snprintf(m->tag, sizeof m->tag, "%s", rt->tag);
+    m->q = (struct am_manifests_query){
+        .up_idx = up_idx,
+        .repo = m->repo,
+        .tag = rt->by_digest ? NULL : m->tag,
+        .digest = rt->by_digest ? &m->digest : NULL,
+        .need_body = !req->is_head,
+        .log_ctx = m->ctx,
+    };
+    if (reg->cfg->diagnostics != AM_DIAG_OFF)
+        m->n_node = am_diagnostics_node_platforms(req->headers, req->n_headers, m->node,
+                                                  AM_DIAG_NODE_MAX);
+    if (!rt->by_digest && m->n_node && reg->cfg->diagnostics == AM_DIAG_ENFORCE && reg->ii) {
+        struct am_imageinfo_query iq = {.up_idx = up_idx, .repo = m->repo, .tag = m->tag,
+                                        .log_ctx = m->ctx};
+        struct am_imageinfo_waiter *w;
+        if (am_imageinfo_get(reg->ii, &iq, on_enforce_checked, m, &w) == 0) {
+            if (w) {
+                m->iwaiter = w;
+                am_http_set_callbacks(ex, NULL, on_mreq_gone, m);
+            }
+            return; /* on_enforce_checked answers (it may have run already) */
+        }
+    }
+    mreq_run(m);
 }
 
 static void handle_blob(struct am_registry *reg, struct am_http_exchange *ex,
@@ -553,6 +715,10 @@ void am_registry_handle(void *ctx, struct am_http_exchange *ex)
         am_http_respond(ex, 200, NULL, h, 1, "ok\n", 3);
         return;
     }
+    if (am_platformapi_owns(req->path, req->path_len)) {
+        am_platformapi_handle(reg->api, ex);
+        return;
+    }
     if (strncmp(req->path, "/api/v1/", 8) == 0 && am_pulllog_handle(reg->pl, ex)) return;
     if (strcmp(req->path, "/metrics") == 0) {
         respond_metrics(reg, ex);
@@ -638,7 +804,10 @@ int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_meta
         free(reg);
         return AM_ENOMEM;
     }
-    if (am_manifests_new(cfg, ms, reg->ups, &reg->mf)) {
+    if (am_manifests_new(cfg, ms, reg->ups, &reg->mf) ||
+        am_imageinfo_new(loop, cfg, ms, reg->mf, reg->ups, &reg->ii) ||
+        am_platformapi_new(reg->ii, cfg, &reg->api) ||
+        am_pulltrack_new(cfg, reg->ii, pl, &reg->pt)) {
         am_registry_free(reg);
         return AM_ENOMEM;
     }
@@ -666,6 +835,9 @@ void am_registry_free(struct am_registry *reg)
 {
     if (!reg) return;
     am_blobflights_free(reg->bf); /* cancels fetches before their upstreams go */
+    am_pulltrack_free(reg->pt);
+    if (reg->api) am_platformapi_free(reg->api);
+    am_imageinfo_free(reg->ii); /* before the manifests and upstreams it uses */
     am_manifests_free(reg->mf);
     for (size_t i = 0; i < reg->n_ups; i++) am_upstream_free(reg->ups[i]);
     free(reg);

@@ -1,0 +1,981 @@
+/*
+ * imageinfo — the platforms an image ships; see include/archmirror/imageinfo.h.
+ *
+ * DESIGN. A query is a `waiter` that first asks the manifests module for the top
+ * manifest (bytes needed: a tag inside its freshness window, or a digest, is answered
+ * from the metastore with no upstream contact). With the bytes, `derive` tries, without
+ * I/O: the image LRU by digest; the parse of an index (its platform list, remembered in the
+ * image LRU and, per child entry, in the child LRU); the platform of a schema 1 manifest
+ * (in the manifest itself); the metastore's platform record of a single-arch manifest.
+ * Only a single-arch manifest whose config was never read needs the upstream: the waiter
+ * joins the `cfetch` for that (upstream, repository, manifest digest), or starts one. A
+ * cfetch buffers the blob (bounded), hashes it against the config digest, reads the
+ * platform, stores it, and answers all its waiters at once. The synchronous lookups run
+ * `derive` on what the metastore holds.
+ *
+ * Both LRUs are one structure: a fixed-size hash table of chained nodes plus a recency
+ * list; the tail is evicted when an insert would exceed the bound. Keys are
+ * "<up_idx>\n<repo>\n<digest>" ('\n' occurs in neither component).
+ */
+#include "archmirror/imageinfo.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "archmirror/buf.h"
+#include "archmirror/error.h"
+#include "archmirror/log.h"
+#include "archmirror/mediatype.h"
+#include "archmirror/platform.h"
+#include "archmirror/reference.h"
+
+#define KEY_MAX (24 + AM_NAME_MAX + AM_DIGEST_STR_MAX + 4)
+#define NEED_CONFIG 1 /* derive's "ask the upstream for the config blob" */
+
+/* --- LRU ------------------------------------------------------------------------------ */
+
+struct lru_node {
+    struct lru_node *hnext;      /* hash chain */
+    struct lru_node *prev, *next; /* recency: head is the most recent */
+    uint32_t hash;
+    void *value; /* owned: free() */
+    size_t klen;
+    char key[];
+};
+
+struct lru {
+    struct lru_node **buckets;
+    size_t mask; /* buckets - 1, a power of two */
+    size_t n, max;
+    struct lru_node *head, *tail;
+};
+
+static uint32_t fnv1a(const char *s, size_t n)
+{
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 16777619u;
+    }
+    return h;
+}
+
+static int lru_init(struct lru *l, size_t max)
+{
+    size_t nb = 1;
+    while (nb < max) nb <<= 1;
+    memset(l, 0, sizeof *l);
+    l->buckets = calloc(nb, sizeof *l->buckets);
+    if (!l->buckets) return AM_ENOMEM;
+    l->mask = nb - 1;
+    l->max = max;
+    return 0;
+}
+
+static void lru_unlink_recency(struct lru *l, struct lru_node *n)
+{
+    if (n->prev) n->prev->next = n->next;
+    else l->head = n->next;
+    if (n->next) n->next->prev = n->prev;
+    else l->tail = n->prev;
+    n->prev = n->next = NULL;
+}
+
+static void lru_push_front(struct lru *l, struct lru_node *n)
+{
+    n->prev = NULL;
+    n->next = l->head;
+    if (l->head) l->head->prev = n;
+    l->head = n;
+    if (!l->tail) l->tail = n;
+}
+
+static void lru_remove(struct lru *l, struct lru_node *n)
+{
+    struct lru_node **pp = &l->buckets[n->hash & l->mask];
+    while (*pp != n) pp = &(*pp)->hnext;
+    *pp = n->hnext;
+    lru_unlink_recency(l, n);
+    l->n--;
+    free(n->value);
+    free(n);
+}
+
+static void lru_cleanup(struct lru *l)
+{
+    while (l->head) lru_remove(l, l->head);
+    free(l->buckets);
+    l->buckets = NULL;
+}
+
+/* The value stored under key, made the most recent; NULL when absent. */
+static void *lru_get(struct lru *l, const char *key, size_t klen)
+{
+    uint32_t h = fnv1a(key, klen);
+    for (struct lru_node *n = l->buckets[h & l->mask]; n; n = n->hnext) {
+        if (n->hash != h || n->klen != klen || memcmp(n->key, key, klen) != 0) continue;
+        if (l->head != n) {
+            lru_unlink_recency(l, n);
+            lru_push_front(l, n);
+        }
+        return n->value;
+    }
+    return NULL;
+}
+
+/* Stores value (takes it: freed on failure too) under key, replacing an older value and
+ * evicting the least recent entry beyond the bound. Returns 0 or AM_ENOMEM. */
+static int lru_put(struct lru *l, const char *key, size_t klen, void *value)
+{
+    uint32_t h = fnv1a(key, klen);
+    for (struct lru_node *n = l->buckets[h & l->mask]; n; n = n->hnext) {
+        if (n->hash != h || n->klen != klen || memcmp(n->key, key, klen) != 0) continue;
+        free(n->value);
+        n->value = value;
+        if (l->head != n) {
+            lru_unlink_recency(l, n);
+            lru_push_front(l, n);
+        }
+        return 0;
+    }
+    struct lru_node *n = malloc(sizeof *n + klen);
+    if (!n) {
+        free(value);
+        return AM_ENOMEM;
+    }
+    n->hash = h;
+    n->value = value;
+    n->klen = klen;
+    memcpy(n->key, key, klen);
+    n->hnext = l->buckets[h & l->mask];
+    l->buckets[h & l->mask] = n;
+    lru_push_front(l, n);
+    l->n++;
+    while (l->n > l->max) lru_remove(l, l->tail);
+    return 0;
+}
+
+/* --- state ---------------------------------------------------------------------------- */
+
+/* An image as the LRU keeps it: the image without its unused platform slots; or, with
+ * need_config, a single-arch manifest whose config platform is not known yet (so that the
+ * hot path's lookups do not re-read and re-parse it; replaced once the platform is). */
+struct image_val {
+    char media_type[AM_MEDIATYPE_MAX + 1];
+    uint64_t size;
+    bool is_index, truncated;
+    bool need_config;
+    struct am_digest config;
+    int64_t config_size;
+    size_t n;
+    struct am_imageinfo_platform p[];
+};
+
+struct child_val {
+    struct am_platform platform;
+    struct am_digest index;
+};
+
+struct cfetch;
+
+struct am_imageinfo_waiter {
+    struct am_imageinfo *ii;
+    struct am_imageinfo_waiter *prev, *next;       /* ii->waiters */
+    struct cfetch *cf;                              /* waiting for this config fetch */
+    struct am_imageinfo_waiter *cf_prev, *cf_next; /* cf->waiters */
+    struct am_manifests_waiter *mw;                /* waiting for the manifest */
+    am_imageinfo_cb cb;
+    void *arg;
+    bool in_get, done;
+    size_t up_idx;
+    bool by_tag;
+    char tag[AM_TAG_MAX + 1];
+    char repo[AM_NAME_MAX + 1];
+    char ctx[48];
+    char cache_state[16];
+    bool from_upstream;
+    uint64_t checked_at_ms;
+    struct am_imageinfo_image image;
+};
+
+/* One upstream request for a config blob, shared by the waiters of one manifest. */
+struct cfetch {
+    struct cfetch *prev, *next; /* ii->fetches */
+    struct am_imageinfo *ii;
+    struct am_upstream_req *ureq; /* NULL once finished or cancelled */
+    struct am_imageinfo_waiter *waiters;
+    size_t up_idx;
+    char repo[AM_NAME_MAX + 1];
+    char ctx[48];
+    struct am_digest manifest;
+    char media_type[AM_MEDIATYPE_MAX + 1]; /* of the manifest */
+    uint64_t manifest_size;
+    struct am_digest config;
+    int status;
+    bool got_head;
+    bool in_table;   /* in ii->fetches: joinable */
+    bool delivering; /* cf_deliver is answering its waiters */
+    char retry_after[32];
+    struct am_buf body;
+};
+
+struct am_imageinfo {
+    uv_loop_t *loop;
+    const struct am_config *cfg;
+    struct am_metastore *ms;
+    struct am_manifests *mf;
+    struct am_upstream *const *ups;
+    struct lru images;
+    struct lru children;
+    struct am_imageinfo_waiter *waiters;
+    struct cfetch *fetches;
+    bool freeing;
+    struct am_imageinfo_stats stats;
+};
+
+static void copy_str(char *dst, size_t cap, const char *s)
+{
+    size_t n = strnlen(s, cap - 1);
+    memcpy(dst, s, n);
+    dst[n] = '\0';
+}
+
+static const char *up_name(const struct am_imageinfo *ii, size_t up_idx)
+{
+    return ii->cfg->upstreams[up_idx].name;
+}
+
+static size_t make_key(char *out, size_t up_idx, const char *repo, const struct am_digest *d)
+{
+    int n = snprintf(out, KEY_MAX, "%zu\n%s\n%s", up_idx, repo, d->str);
+    return n < 0 ? 0 : (size_t)n < KEY_MAX ? (size_t)n : KEY_MAX - 1;
+}
+
+static bool args_ok(const struct am_imageinfo *ii, size_t up_idx, const char *repo,
+                    const struct am_digest *d)
+{
+    return ii && up_idx < ii->cfg->n_upstreams && repo && repo[0] &&
+           strlen(repo) <= AM_NAME_MAX && !strchr(repo, '\n') && d && d->str[0] &&
+           strnlen(d->str, sizeof d->str) < sizeof d->str;
+}
+
+/* --- the caches ------------------------------------------------------------------------ */
+
+static void image_from_val(struct am_imageinfo_image *img, const struct image_val *v)
+{
+    copy_str(img->media_type, sizeof img->media_type, v->media_type);
+    img->size = v->size;
+    img->is_index = v->is_index;
+    img->truncated = v->truncated;
+    img->n_platforms = v->n;
+    memcpy(img->platforms, v->p, v->n * sizeof v->p[0]);
+    img->multi_arch = v->n > 1;
+}
+
+/* Remembers img (its top fields and platforms) by digest. Failure only costs a re-parse. */
+static void remember_image(struct am_imageinfo *ii, size_t up_idx, const char *repo,
+                           const struct am_imageinfo_image *img)
+{
+    char key[KEY_MAX];
+    size_t klen = make_key(key, up_idx, repo, &img->digest);
+    struct image_val *v = malloc(sizeof *v + img->n_platforms * sizeof v->p[0]);
+    if (!v) return;
+    copy_str(v->media_type, sizeof v->media_type, img->media_type);
+    v->size = img->size;
+    v->is_index = img->is_index;
+    v->truncated = img->truncated;
+    v->need_config = false;
+    v->n = img->n_platforms;
+    memcpy(v->p, img->platforms, v->n * sizeof v->p[0]);
+    lru_put(&ii->images, key, klen, v);
+}
+
+/* Remembers that img is single-arch with the given config, platform unknown. */
+static void remember_need_config(struct am_imageinfo *ii, size_t up_idx, const char *repo,
+                                 const struct am_imageinfo_image *img,
+                                 const struct am_descriptor *config)
+{
+    char key[KEY_MAX];
+    size_t klen = make_key(key, up_idx, repo, &img->digest);
+    struct image_val *v = calloc(1, sizeof *v);
+    if (!v) return;
+    copy_str(v->media_type, sizeof v->media_type, img->media_type);
+    v->size = img->size;
+    v->need_config = true;
+    v->config = config->digest;
+    v->config_size = config->size;
+    lru_put(&ii->images, key, klen, v);
+}
+
+static void remember_child(struct am_imageinfo *ii, size_t up_idx, const char *repo,
+                           const struct am_digest *child, const struct am_platform *p,
+                           const struct am_digest *index)
+{
+    char key[KEY_MAX];
+    size_t klen = make_key(key, up_idx, repo, child);
+    struct child_val *v = malloc(sizeof *v);
+    if (!v) return;
+    v->platform = *p;
+    v->index = *index;
+    lru_put(&ii->children, key, klen, v);
+}
+
+/* Fills img's platforms from a parsed index and records every child with a platform. */
+static int image_from_index(struct am_imageinfo *ii, size_t up_idx, const char *repo,
+                            const struct am_manifest *m, struct am_imageinfo_image *img)
+{
+    size_t n = 0;
+    struct am_platform_entry *list = NULL;
+    if (m->n_entries) {
+        list = malloc(m->n_entries * sizeof *list);
+        if (!list) return AM_ENOMEM;
+    }
+    int rc = am_platform_list_from_index(m, list, m->n_entries, &n);
+    if (rc) {
+        free(list);
+        return rc;
+    }
+    img->is_index = true;
+    img->truncated = n > AM_IMAGEINFO_PLATFORMS_MAX;
+    img->n_platforms = img->truncated ? AM_IMAGEINFO_PLATFORMS_MAX : n;
+    img->multi_arch = img->n_platforms > 1;
+    for (size_t i = 0; i < img->n_platforms; i++) {
+        const struct am_descriptor *e = &m->entries[list[i].index];
+        img->platforms[i].platform = list[i].platform;
+        img->platforms[i].digest = e->digest;
+        img->platforms[i].size = e->size > 0 ? (uint64_t)e->size : 0;
+    }
+    /* Every entry containerd could pick, not only the first of each platform: entries
+     * that differ in os.features normalise alike but are distinct manifests. */
+    for (size_t i = 0; i < m->n_entries; i++) {
+        const struct am_descriptor *e = &m->entries[i];
+        if (!e->has_platform || e->is_attestation) continue;
+        struct am_platform p = e->platform;
+        am_platform_normalize(&p);
+        for (size_t k = 0; k < n; k++) {
+            if (!am_platform_equal(&list[k].platform, &p)) continue;
+            remember_child(ii, up_idx, repo, &e->digest, &p, &img->digest);
+            break;
+        }
+    }
+    free(list);
+    return 0;
+}
+
+/* Schema 1 carries its architecture in the manifest itself; its os is linux (Docker's
+ * schema1 predates anything else). */
+static int image_from_schema1(const char *bytes, size_t len, struct am_imageinfo_image *img,
+                              char *msg, size_t msglen)
+{
+    json_error_t jerr;
+    json_t *root = json_loadb(bytes, len, 0, &jerr);
+    json_t *a = root ? json_object_get(root, "architecture") : NULL;
+    int rc = AM_EMANIFEST_INVALID;
+    if (!a || !json_is_string(a) || json_string_length(a) == 0 ||
+        json_string_length(a) > AM_PLATFORM_FIELD_MAX) {
+        snprintf(msg, msglen, "schema 1 manifest without a usable \"architecture\"");
+        goto done;
+    }
+    struct am_imageinfo_platform *p = &img->platforms[0];
+    memset(p, 0, sizeof *p);
+    copy_str(p->platform.os, sizeof p->platform.os, "linux");
+    copy_str(p->platform.architecture, sizeof p->platform.architecture, json_string_value(a));
+    for (char *c = p->platform.architecture; *c; c++)
+        if ((unsigned char)*c < 0x20 || (unsigned char)*c > 0x7e) *c = '?';
+    am_platform_normalize(&p->platform);
+    p->digest = img->digest;
+    p->size = img->size;
+    img->n_platforms = 1;
+    img->multi_arch = false;
+    rc = 0;
+done:
+    json_decref(root);
+    return rc;
+}
+
+/* The single platform of a single-arch image. */
+static void image_single(struct am_imageinfo_image *img, const struct am_platform *p)
+{
+    img->is_index = false;
+    img->truncated = false;
+    img->multi_arch = false;
+    img->n_platforms = 1;
+    img->platforms[0].platform = *p;
+    img->platforms[0].digest = img->digest;
+    img->platforms[0].size = img->size;
+}
+
+/* Derives img's platforms from verified manifest bytes without upstream I/O. img's top
+ * fields (media type, digest, size) are set by the caller. Returns 0 (img complete),
+ * NEED_CONFIG (a single-arch manifest whose config platform is unknown: *config is its
+ * descriptor), or an error with msg filled. */
+static int derive(struct am_imageinfo *ii, size_t up_idx, const char *repo, const char *bytes,
+                  size_t len, struct am_imageinfo_image *img, struct am_descriptor *config,
+                  char *msg, size_t msglen)
+{
+    char key[KEY_MAX];
+    size_t klen = make_key(key, up_idx, repo, &img->digest);
+    const struct image_val *v = lru_get(&ii->images, key, klen);
+    msg[0] = '\0';
+    if (v && v->need_config) {
+        memset(config, 0, sizeof *config);
+        config->digest = v->config;
+        config->size = v->config_size;
+        return NEED_CONFIG;
+    }
+    if (v) {
+        ii->stats.lru_hits++;
+        image_from_val(img, v);
+        return 0;
+    }
+
+    struct am_manifest m;
+    ii->stats.parses++;
+    int rc = am_manifest_parse(bytes, len, img->media_type, &m, msg, msglen);
+    if (rc) return rc == AM_ENOMEM ? rc : AM_EMANIFEST_INVALID;
+    if (am_mediatype_is_index(m.kind)) {
+        rc = image_from_index(ii, up_idx, repo, &m, img);
+    } else if (m.kind == AM_MT_DOCKER_V1) {
+        img->is_index = false;
+        rc = image_from_schema1(bytes, len, img, msg, msglen);
+    } else if (!m.has_config) {
+        snprintf(msg, msglen, "manifest has no config descriptor");
+        rc = AM_EMANIFEST_INVALID;
+    } else {
+        struct am_platform_rec rec;
+        rc = am_metastore_get_platform(ii->ms, up_name(ii, up_idx), repo, &img->digest, &rec);
+        if (rc == 0 && am_digest_equal(&rec.config, &m.config.digest)) {
+            ii->stats.store_hits++;
+            image_single(img, &rec.platform);
+        } else {
+            if (rc && rc != AM_ENOT_FOUND)
+                AM_WARN("imageinfo: platform record of %s@%s: %s", repo, img->digest.str,
+                        am_error_message(rc));
+            *config = m.config;
+            remember_need_config(ii, up_idx, repo, img, config);
+            rc = NEED_CONFIG;
+        }
+    }
+    am_manifest_cleanup(&m);
+    if (rc == 0) remember_image(ii, up_idx, repo, img);
+    return rc;
+}
+
+/* --- waiters --------------------------------------------------------------------------- */
+
+static void waiter_unlink(struct am_imageinfo_waiter *w)
+{
+    struct am_imageinfo *ii = w->ii;
+    if (w->prev) w->prev->next = w->next;
+    else if (ii->waiters == w) ii->waiters = w->next;
+    if (w->next) w->next->prev = w->prev;
+    w->prev = w->next = NULL;
+}
+
+/* Answers w once and releases it (unless am_imageinfo_get is still on the stack). */
+static void finish(struct am_imageinfo_waiter *w, int err, const char *message,
+                   const char *retry_after)
+{
+    waiter_unlink(w);
+    struct am_imageinfo_result r = {
+        .err = err,
+        .message = err ? message : NULL,
+        .retry_after = retry_after ? retry_after : "",
+        .image = err ? NULL : &w->image,
+        .cache_state = err ? "" : w->cache_state,
+        .from_upstream = w->from_upstream,
+        .checked_at_ms = w->checked_at_ms,
+    };
+    w->done = true;
+    w->cb(w->arg, &r);
+    if (!w->in_get) free(w);
+}
+
+/* --- config fetches -------------------------------------------------------------------- */
+
+static void cf_unlink_waiter(struct cfetch *cf, struct am_imageinfo_waiter *w)
+{
+    if (w->cf_prev) w->cf_prev->cf_next = w->cf_next;
+    else cf->waiters = w->cf_next;
+    if (w->cf_next) w->cf_next->cf_prev = w->cf_prev;
+    w->cf_prev = w->cf_next = NULL;
+    w->cf = NULL;
+}
+
+static void cf_table_unlink(struct cfetch *cf)
+{
+    struct am_imageinfo *ii = cf->ii;
+    if (!cf->in_table) return;
+    if (cf->prev) cf->prev->next = cf->next;
+    else ii->fetches = cf->next;
+    if (cf->next) cf->next->prev = cf->prev;
+    cf->prev = cf->next = NULL;
+    cf->in_table = false;
+}
+
+static void cf_free(struct cfetch *cf)
+{
+    cf_table_unlink(cf);
+    am_buf_cleanup(&cf->body);
+    free(cf);
+}
+
+/* Answers every waiter of cf (platform p, or err) and frees cf. The fetch leaves the
+ * table first, so queries made from the callbacks find the cache or start anew; a
+ * callback may cancel a waiter still to be answered (it leaves cf->waiters). */
+static void cf_deliver(struct cfetch *cf, int err, const char *message,
+                       const struct am_platform *p)
+{
+    struct am_imageinfo *ii = cf->ii;
+    if (cf->ureq) {
+        am_upstream_req_cancel(cf->ureq);
+        cf->ureq = NULL;
+    }
+    cf_table_unlink(cf);
+    cf->delivering = true;
+    const char *retry = err == AM_ETOOMANYREQUESTS ? cf->retry_after : "";
+    if (!err) {
+        struct am_imageinfo_image img;
+        memset(&img, 0, sizeof img);
+        copy_str(img.media_type, sizeof img.media_type, cf->media_type);
+        img.digest = cf->manifest;
+        img.size = cf->manifest_size;
+        image_single(&img, p);
+        remember_image(ii, cf->up_idx, cf->repo, &img);
+    }
+    while (cf->waiters) {
+        struct am_imageinfo_waiter *w = cf->waiters;
+        cf_unlink_waiter(cf, w);
+        if (!err) {
+            image_single(&w->image, p);
+            w->from_upstream = true;
+        }
+        finish(w, err, message, retry);
+    }
+    cf_free(cf);
+}
+
+static void on_cf_head(void *arg, const struct am_upstream_response *r)
+{
+    struct cfetch *cf = arg;
+    const struct am_http_header *h;
+    cf->got_head = true;
+    cf->status = r->status;
+    if ((h = am_http_header_find(r->headers, r->n_headers, "retry-after"))) {
+        size_t n = h->value_len < sizeof cf->retry_after - 1 ? h->value_len
+                                                             : sizeof cf->retry_after - 1;
+        memcpy(cf->retry_after, h->value, n);
+        cf->retry_after[n] = '\0';
+    }
+    if (r->status == 200 && r->content_length > (int64_t)AM_IMAGEINFO_CONFIG_MAX) {
+        AM_WARN("%s imageinfo: config %s of %s is %lld bytes; not read", cf->ctx, cf->config.str,
+                cf->repo, (long long)r->content_length);
+        cf_deliver(cf, AM_ETOO_LARGE, "image config blob exceeds 1 MiB", NULL);
+    }
+}
+
+static void on_cf_body(void *arg, const char *data, size_t len)
+{
+    struct cfetch *cf = arg;
+    if (cf->status != 200) return; /* error bodies are dropped */
+    if (am_buf_append(&cf->body, data, len) == 0) return;
+    AM_WARN("%s imageinfo: config %s of %s exceeds %u bytes; not read", cf->ctx, cf->config.str,
+            cf->repo, AM_IMAGEINFO_CONFIG_MAX);
+    cf_deliver(cf, AM_ETOO_LARGE, "image config blob exceeds 1 MiB", NULL);
+}
+
+static int error_for_status(int status)
+{
+    switch (status) {
+    case 401: return AM_EUNAUTHORIZED;
+    case 403: return AM_EDENIED;
+    case 404: return AM_EBLOB_UNKNOWN;
+    case 429: return AM_ETOOMANYREQUESTS;
+    case 504: return AM_EUPSTREAM_TIMEOUT;
+    default: return AM_EUPSTREAM;
+    }
+}
+
+static void on_cf_done(void *arg, int err)
+{
+    struct cfetch *cf = arg;
+    struct am_imageinfo *ii = cf->ii;
+    char msg[2 * AM_DIGEST_STR_MAX + 64];
+    const char *why = cf->ureq ? am_upstream_req_message(cf->ureq) : "";
+    cf->ureq = NULL;
+    if (err || !cf->got_head) {
+        if (!err) err = AM_EUPSTREAM_PROTOCOL;
+        snprintf(msg, sizeof msg, "fetching image config %s: %s", cf->config.str,
+                 why && why[0] ? why : am_error_message(err));
+        AM_WARN("%s imageinfo: upstream %s: %s", cf->ctx, up_name(ii, cf->up_idx), msg);
+        cf_deliver(cf, err, msg, NULL);
+        return;
+    }
+    if (cf->status != 200) {
+        snprintf(msg, sizeof msg, "upstream answered %d for image config %s", cf->status,
+                 cf->config.str);
+        AM_INFO("%s imageinfo: %s of %s", cf->ctx, msg, cf->repo);
+        cf_deliver(cf, error_for_status(cf->status), msg, NULL);
+        return;
+    }
+    struct am_digest got;
+    const char *bytes = cf->body.data ? cf->body.data : "";
+    am_digest_of(cf->config.alg, bytes, cf->body.len, &got);
+    if (!am_digest_equal(&got, &cf->config)) {
+        snprintf(msg, sizeof msg, "image config %s hashes to %s", cf->config.str, got.str);
+        AM_ERROR("%s imageinfo: upstream %s: %s (%s); not cached", cf->ctx,
+                 up_name(ii, cf->up_idx), msg, cf->repo);
+        cf_deliver(cf, AM_EDIGEST_MISMATCH, msg, NULL);
+        return;
+    }
+    struct am_platform p;
+    char why2[160];
+    int rc = am_platform_from_config_json(bytes, cf->body.len, &p, NULL, why2, sizeof why2);
+    if (rc) {
+        snprintf(msg, sizeof msg, "%s", rc == AM_ENOMEM ? am_error_message(rc) : why2);
+        AM_INFO("%s imageinfo: config %s of %s: %s", cf->ctx, cf->config.str, cf->repo, msg);
+        cf_deliver(cf, rc == AM_ENOMEM ? rc : AM_EMANIFEST_INVALID, msg, NULL);
+        return;
+    }
+    struct am_platform_rec rec;
+    memset(&rec, 0, sizeof rec);
+    rec.platform = p;
+    rec.config = cf->config;
+    rc = am_metastore_put_platform(ii->ms, up_name(ii, cf->up_idx), cf->repo, &cf->manifest, &rec,
+                                   NULL, NULL);
+    if (rc)
+        AM_WARN("%s imageinfo: caching the platform of %s@%s: %s", cf->ctx, cf->repo,
+                cf->manifest.str, am_error_message(rc));
+    cf_deliver(cf, 0, NULL, &p);
+}
+
+static const struct am_upstream_cbs cf_cbs = {on_cf_head, on_cf_body, on_cf_done};
+
+/* Makes w wait for the config blob of its single-arch manifest. On failure answers w. */
+static void wait_for_config(struct am_imageinfo_waiter *w, const struct am_descriptor *config)
+{
+    struct am_imageinfo *ii = w->ii;
+    for (struct cfetch *cf = ii->fetches; cf; cf = cf->next) {
+        if (cf->up_idx != w->up_idx || strcmp(cf->repo, w->repo) != 0 ||
+            !am_digest_equal(&cf->manifest, &w->image.digest))
+            continue;
+        ii->stats.config_coalesced++;
+        w->cf = cf;
+        w->cf_next = cf->waiters;
+        if (cf->waiters) cf->waiters->cf_prev = w;
+        cf->waiters = w;
+        return;
+    }
+    if (config->size > (int64_t)AM_IMAGEINFO_CONFIG_MAX) {
+        finish(w, AM_ETOO_LARGE, "image config blob exceeds 1 MiB", NULL);
+        return;
+    }
+    struct cfetch *cf = calloc(1, sizeof *cf);
+    if (!cf) {
+        finish(w, AM_ENOMEM, NULL, NULL);
+        return;
+    }
+    cf->ii = ii;
+    cf->up_idx = w->up_idx;
+    copy_str(cf->repo, sizeof cf->repo, w->repo);
+    copy_str(cf->ctx, sizeof cf->ctx, w->ctx);
+    cf->manifest = w->image.digest;
+    copy_str(cf->media_type, sizeof cf->media_type, w->image.media_type);
+    cf->manifest_size = w->image.size;
+    cf->config = config->digest;
+    am_buf_init(&cf->body, AM_IMAGEINFO_CONFIG_MAX);
+
+    char path[AM_NAME_MAX + AM_DIGEST_STR_MAX + 32], scope[AM_NAME_MAX + 32];
+    snprintf(path, sizeof path, "/v2/%s/blobs/%s", w->repo, config->digest.str);
+    snprintf(scope, sizeof scope, "repository:%s:pull", w->repo);
+    struct am_upstream_request_opts o = {.method = "GET", .path = path, .scope = scope};
+    ii->stats.config_fetches++;
+    int rc = am_upstream_request(ii->ups[w->up_idx], &o, &cf_cbs, cf, &cf->ureq);
+    if (rc) {
+        AM_WARN("%s imageinfo: upstream %s GET %s: %s", w->ctx, up_name(ii, w->up_idx), path,
+                am_error_message(rc));
+        am_buf_cleanup(&cf->body);
+        free(cf);
+        finish(w, rc, NULL, NULL);
+        return;
+    }
+    AM_DEBUG("%s imageinfo: fetching config %s of %s@%s", w->ctx, config->digest.str, w->repo,
+             w->image.digest.str);
+    cf->next = ii->fetches;
+    if (ii->fetches) ii->fetches->prev = cf;
+    ii->fetches = cf;
+    cf->in_table = true;
+    w->cf = cf;
+    cf->waiters = w;
+}
+
+/* --- queries --------------------------------------------------------------------------- */
+
+static void on_manifest(void *arg, const struct am_manifests_result *r)
+{
+    struct am_imageinfo_waiter *w = arg;
+    struct am_imageinfo *ii = w->ii;
+    w->mw = NULL;
+    if (r->err) {
+        finish(w, r->err, r->message, r->retry_after);
+        return;
+    }
+    copy_str(w->cache_state, sizeof w->cache_state, r->cache_state ? r->cache_state : "");
+    w->from_upstream =
+        strcmp(w->cache_state, "miss") == 0 || strcmp(w->cache_state, "revalidated") == 0;
+    w->checked_at_ms = am_metastore_now_ms();
+    if (w->by_tag) {
+        /* The manifests module has just stored or read the tag: its record says when it
+         * was last checked upstream. */
+        struct am_tag_rec tag;
+        if (am_metastore_get_tag(ii->ms, up_name(ii, w->up_idx), w->repo, w->tag, &tag) == 0 &&
+            tag.fetched_at_ms)
+            w->checked_at_ms = tag.fetched_at_ms;
+    }
+    struct am_imageinfo_image *img = &w->image;
+    copy_str(img->media_type, sizeof img->media_type, r->media_type ? r->media_type : "");
+    img->digest = *r->digest;
+    img->size = r->size;
+    if (!r->bytes) {
+        finish(w, AM_EUPSTREAM, "manifest body missing", NULL); /* our bug: need_body */
+        return;
+    }
+    struct am_descriptor config;
+    char msg[200];
+    int rc = derive(ii, w->up_idx, w->repo, r->bytes, r->size, img, &config, msg, sizeof msg);
+    if (rc == 0) {
+        finish(w, 0, NULL, NULL);
+    } else if (rc == NEED_CONFIG) {
+        wait_for_config(w, &config);
+    } else {
+        AM_INFO("%s imageinfo: %s@%s: %s", w->ctx, w->repo, img->digest.str,
+                msg[0] ? msg : am_error_message(rc));
+        finish(w, rc, msg[0] ? msg : NULL, NULL);
+    }
+}
+
+int am_imageinfo_get(struct am_imageinfo *ii, const struct am_imageinfo_query *q,
+                     am_imageinfo_cb cb, void *arg, struct am_imageinfo_waiter **out)
+{
+    *out = NULL;
+    if (ii->freeing) return AM_ECANCELED;
+    if (q->up_idx >= ii->cfg->n_upstreams || !q->repo || !q->repo[0] || !q->tag == !q->digest ||
+        strlen(q->repo) > AM_NAME_MAX || strchr(q->repo, '\n') ||
+        (q->tag && (!q->tag[0] || strlen(q->tag) > AM_TAG_MAX)))
+        return AM_EINVAL;
+    struct am_imageinfo_waiter *w = calloc(1, sizeof *w);
+    if (!w) return AM_ENOMEM;
+    w->ii = ii;
+    w->cb = cb;
+    w->arg = arg;
+    w->up_idx = q->up_idx;
+    w->by_tag = q->tag != NULL;
+    if (q->tag) copy_str(w->tag, sizeof w->tag, q->tag);
+    copy_str(w->repo, sizeof w->repo, q->repo);
+    copy_str(w->ctx, sizeof w->ctx, q->log_ctx ? q->log_ctx : "-");
+    w->next = ii->waiters;
+    if (ii->waiters) ii->waiters->prev = w;
+    ii->waiters = w;
+    ii->stats.queries++;
+
+    struct am_manifests_query mq = {
+        .up_idx = q->up_idx,
+        .repo = w->repo,
+        .tag = q->tag ? w->tag : NULL,
+        .digest = q->digest,
+        .need_body = true,
+        .log_ctx = w->ctx,
+    };
+    struct am_manifests_waiter *mw = NULL;
+    w->in_get = true;
+    int rc = am_manifests_get(ii->mf, &mq, on_manifest, w, &mw);
+    w->in_get = false;
+    if (rc) {
+        waiter_unlink(w);
+        free(w);
+        return rc;
+    }
+    if (w->done) {
+        free(w);
+        return 0;
+    }
+    if (mw) w->mw = mw;
+    *out = w;
+    return 0;
+}
+
+void am_imageinfo_cancel(struct am_imageinfo_waiter *w)
+{
+    if (!w) return;
+    if (w->mw) {
+        am_manifests_cancel(w->mw);
+        w->mw = NULL;
+    }
+    struct cfetch *cf = w->cf;
+    if (cf) {
+        cf_unlink_waiter(cf, w);
+        if (!cf->waiters && !cf->delivering) {
+            if (cf->ureq) am_upstream_req_cancel(cf->ureq);
+            cf->ureq = NULL;
+            cf_free(cf);
+        }
+    }
+    waiter_unlink(w);
+    free(w);
+}
+
+/* --- synchronous lookups --------------------------------------------------------------- */
+
+int am_imageinfo_lookup_cached(struct am_imageinfo *ii, size_t up_idx, const char *repo,
+                               const struct am_digest *top_digest,
+                               struct am_imageinfo_image *out)
+{
+    if (!args_ok(ii, up_idx, repo, top_digest) || !out) return AM_EINVAL;
+    char key[KEY_MAX];
+    size_t klen = make_key(key, up_idx, repo, top_digest);
+    const struct image_val *v = lru_get(&ii->images, key, klen);
+    if (v && v->need_config) return AM_ENOT_FOUND;
+    if (v) {
+        ii->stats.lru_hits++;
+        out->digest = *top_digest;
+        image_from_val(out, v);
+        return 0;
+    }
+    struct am_manifest_rec rec;
+    int rc = am_metastore_get_manifest(ii->ms, up_name(ii, up_idx), repo, top_digest, &rec);
+    if (rc) {
+        am_manifest_rec_cleanup(&rec);
+        return rc;
+    }
+    /* Built aside: out is written only on success. */
+    struct am_imageinfo_image *img = malloc(sizeof *img);
+    if (!img) {
+        am_manifest_rec_cleanup(&rec);
+        return AM_ENOMEM;
+    }
+    memset(img, 0, sizeof *img);
+    copy_str(img->media_type, sizeof img->media_type, rec.media_type);
+    img->digest = *top_digest;
+    img->size = rec.len;
+    struct am_descriptor config;
+    char msg[200];
+    rc = derive(ii, up_idx, repo, rec.bytes, rec.len, img, &config, msg, sizeof msg);
+    am_manifest_rec_cleanup(&rec);
+    if (rc == NEED_CONFIG) rc = AM_ENOT_FOUND;
+    if (rc == 0) *out = *img;
+    free(img);
+    return rc;
+}
+
+int am_imageinfo_note_index(struct am_imageinfo *ii, size_t up_idx, const char *repo,
+                            const struct am_digest *digest, const char *media_type,
+                            const char *bytes, size_t len)
+{
+    struct am_digest d;
+    if (!ii || (!bytes && len)) return AM_EINVAL;
+    if (!digest) {
+        am_digest_of(AM_DIGEST_SHA256, bytes ? bytes : "", len, &d);
+        if (!d.str[0]) return AM_ENOMEM;
+        digest = &d;
+    }
+    if (!args_ok(ii, up_idx, repo, digest)) return AM_EINVAL;
+    char key[KEY_MAX];
+    size_t klen = make_key(key, up_idx, repo, digest);
+    const struct image_val *v = lru_get(&ii->images, key, klen);
+    if (v) {
+        if (!v->is_index) return AM_EINVAL;
+        /* Seen before: refresh its children (they may have aged out of the smaller map). */
+        for (size_t i = 0; i < v->n; i++)
+            remember_child(ii, up_idx, repo, &v->p[i].digest, &v->p[i].platform, digest);
+        return 0;
+    }
+    struct am_manifest m;
+    char msg[160];
+    ii->stats.parses++;
+    int rc = am_manifest_parse(bytes ? bytes : "", len, media_type, &m, msg, sizeof msg);
+    if (rc) return rc == AM_ENOMEM ? rc : AM_EMANIFEST_INVALID;
+    if (!am_mediatype_is_index(m.kind)) {
+        am_manifest_cleanup(&m);
+        return AM_EINVAL;
+    }
+    struct am_imageinfo_image *img = calloc(1, sizeof *img);
+    if (!img) {
+        am_manifest_cleanup(&m);
+        return AM_ENOMEM;
+    }
+    copy_str(img->media_type, sizeof img->media_type,
+             media_type && media_type[0] ? media_type : m.media_type);
+    img->digest = *digest;
+    img->size = len;
+    rc = image_from_index(ii, up_idx, repo, &m, img);
+    am_manifest_cleanup(&m);
+    if (rc == 0) remember_image(ii, up_idx, repo, img);
+    free(img);
+    return rc;
+}
+
+int am_imageinfo_child_platform(struct am_imageinfo *ii, size_t up_idx, const char *repo,
+                                const struct am_digest *child_digest,
+                                struct am_platform *platform, struct am_digest *index)
+{
+    if (!args_ok(ii, up_idx, repo, child_digest) || !platform) return AM_EINVAL;
+    char key[KEY_MAX];
+    size_t klen = make_key(key, up_idx, repo, child_digest);
+    const struct child_val *v = lru_get(&ii->children, key, klen);
+    if (!v) return AM_ENOT_FOUND;
+    *platform = v->platform;
+    if (index) *index = v->index;
+    return 0;
+}
+
+/* --- lifetime -------------------------------------------------------------------------- */
+
+int am_imageinfo_new(uv_loop_t *loop, const struct am_config *cfg, struct am_metastore *ms,
+                     struct am_manifests *mf, struct am_upstream *const *ups,
+                     struct am_imageinfo **out)
+{
+    struct am_imageinfo *ii = calloc(1, sizeof *ii);
+    if (!ii) return AM_ENOMEM;
+    ii->loop = loop;
+    ii->cfg = cfg;
+    ii->ms = ms;
+    ii->mf = mf;
+    ii->ups = ups;
+    if (lru_init(&ii->images, AM_IMAGEINFO_LRU_IMAGES) ||
+        lru_init(&ii->children, AM_IMAGEINFO_LRU_CHILDREN)) {
+        lru_cleanup(&ii->images);
+        lru_cleanup(&ii->children);
+        free(ii);
+        return AM_ENOMEM;
+    }
+    *out = ii;
+    return 0;
+}
+
+void am_imageinfo_free(struct am_imageinfo *ii)
+{
+    if (!ii) return;
+    ii->freeing = true;
+    while (ii->fetches) {
+        struct cfetch *cf = ii->fetches;
+        cf_deliver(cf, AM_ECANCELED, NULL, NULL); /* cancels, unlinks and frees cf */
+    }
+    while (ii->waiters) {
+        struct am_imageinfo_waiter *w = ii->waiters;
+        if (w->mw) {
+            am_manifests_cancel(w->mw);
+            w->mw = NULL;
+        }
+        finish(w, AM_ECANCELED, NULL, NULL); /* unlinks w */
+    }
+    lru_cleanup(&ii->images);
+    lru_cleanup(&ii->children);
+    free(ii);
+}
+
+void am_imageinfo_get_stats(const struct am_imageinfo *ii, struct am_imageinfo_stats *out)
+{
+    *out = ii->stats;
+}
