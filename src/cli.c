@@ -132,9 +132,14 @@ static void platforms_text(json_t *platforms, char *out, size_t cap)
     out[0] = '\0';
     for (size_t i = 0; i < json_array_size(platforms); i++) {
         json_t *p = json_array_get(platforms, i);
-        const char *v = str(p, "variant");
-        int w = snprintf(out + len, cap - len, "%s%s/%s%s%s", i ? "," : "", str(p, "os"),
+        int w;
+        if (json_is_string(p)) { /* "missing" lists platform strings */
+            w = snprintf(out + len, cap - len, "%s%s", i ? "," : "", json_string_value(p));
+        } else {
+            const char *v = str(p, "variant");
+            w = snprintf(out + len, cap - len, "%s%s/%s%s%s", i ? "," : "", str(p, "os"),
                          str(p, "architecture"), *v ? "/" : "", v);
+        }
         if (w < 0 || (size_t)w >= cap - len) break;
         len += (size_t)w;
     }

@@ -476,8 +476,13 @@ static bool judge(struct am_registry *reg, const struct mreq *m,
     am_diagnostics_reason(ref, &m->node[0], has, img->n_platforms, reason);
     AM_WARN("%s %s: %s", m->ctx, m->peer, reason);
     am_metrics_count_mismatch(ref, node);
-    struct am_pulltrack_event ev = event_of(m, &img->digest, img->media_type, 0, NULL, true);
-    am_pulltrack_record_mismatch(reg->pt, &ev, img);
+    /* The pull log gets the attempt when no completed pull will record it: a refused tag,
+     * or an index with no variant for the node (containerd gives up after the index). A
+     * single-arch image in warn mode is pulled anyway and recorded when it completes. */
+    if (reg->cfg->diagnostics == AM_DIAG_ENFORCE || img->is_index) {
+        struct am_pulltrack_event ev = event_of(m, &img->digest, img->media_type, 0, NULL, true);
+        am_pulltrack_record_mismatch(reg->pt, &ev, img);
+    }
     return false;
 }
 

@@ -14,6 +14,8 @@ Taps are counting HTTP proxies from the integration harness, so the tour can sho
 what the node asked for and what actually reached the upstream.
 """
 import argparse
+import json
+import subprocess
 import os
 import shutil
 import sys
@@ -21,7 +23,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "integration"))
-from harness import archmirror, containerd, faultproxy, images, proc, registry  # noqa: E402
+from harness import httpc, archmirror, containerd, faultproxy, images, proc, registry  # noqa: E402
 
 PLATFORM = "linux/arm64"
 
@@ -165,13 +167,52 @@ def main():
                 say("  cache: %d manifest request(s) reached the upstream on the second pull%s"
                     % (len(man), " -> tags and manifests were CACHE HITS" if not man else ""))
                 if blobs:
-                    say("  (%d blob request(s) still went upstream: blobs are streamed through,"
-                        " not cached yet)" % len(blobs))
+                    say("  (%d blob request(s) still went upstream: NOT expected, blobs are "
+                        "cached)" % len(blobs))
+                    results[(2, "blob-cache")] = False
                 else:
-                    say("  blobs were cache hits too")
-        section("5. summary")
+                    say("  blobs were cache hits too: nothing reached the upstream")
+        section("5. what archmirror knows about these images")
+        for key in ("multi", "single"):
+            ref = "example.com/library/%s:1.0" % key
+            r = httpc.request(am.port, "GET", "/api/v1/platforms?image=" + ref)
+            say("$ curl '%s/api/v1/platforms?image=%s'" % (am.url, ref))
+            doc = json.loads(r.body)
+            plats = ", ".join("/".join(x for x in (p["os"], p["architecture"], p.get("variant"))
+                                       if x) for p in doc.get("platforms", []))
+            say("  -> multiArch=%s platforms: %s" % (doc.get("multiArch"), plats))
+        r = httpc.request(am.port, "GET", "/api/v1/pulls")
+        say("$ curl %s/api/v1/pulls" % am.url)
+        for p in json.loads(r.body).get("pulls", []):
+            say("  -> %-36s %-12s pulls=%s nodes=%s" % (p.get("image"), p.get("platform"),
+                                                       p.get("pulls"), p.get("nodes")))
+        r = httpc.request(am.port, "GET", "/api/v1/readiness?target=linux/arm64")
+        say("$ curl '%s/api/v1/readiness?target=linux/arm64'   # the migration work list" % am.url)
+        for img in json.loads(r.body).get("images", []):
+            say("  -> %s has only %s" % (img.get("image"), ", ".join(img.get("platforms", []))))
+        say("$ echo example.com/library/multi:1.0 example.com/library/single:1.0 | "
+            "archmirror audit --require linux/arm64 --server %s -" % am.url)
+        audit = subprocess.run([os.environ["ARCHMIRROR_BIN"], "audit", "--require", "linux/arm64",
+                                "--server", am.url, "-"],
+                               input="example.com/library/multi:1.0 example.com/library/single:1.0",
+                               capture_output=True, text=True, timeout=30)
+        for line in audit.stdout.splitlines():
+            say("  " + line)
+        say("  (exit status %d: non-zero because an image misses linux/arm64)" % audit.returncode)
+        results[(3, "audit-exit-1")] = audit.returncode == 1
+        say("archmirror's log (diagnostics: warn — the node said linux/arm64):")
+        for line in am.log().splitlines():
+            if "variant of" in line:
+                say("  " + line.split(" ", 2)[-1])
+                break
+        say("  (with --diagnostics enforce, and archmirror as the node's only host, that "
+            "text is\n   the 409 reason phrase that ctr and the kubelet event show)")
+        section("6. summary")
         for (rnd, key), good in sorted(results.items()):
-            say("  pull %d %-6s digest matches seeded: %s" % (rnd, key, "yes" if good else "NO"))
+            if key in ("multi", "single"):
+                say("  pull %d %-6s digest matches seeded: %s" % (rnd, key, "yes" if good else "NO"))
+            else:
+                say("  check %-14s %s" % (key, "ok" if good else "FAILED"))
         ok = all(results.values())
         return 0 if ok else 1
     finally:
