@@ -470,6 +470,24 @@ static const char *shown(const char *s, char *out, size_t n)
     return out;
 }
 
+/* A file path for a message: its end (the file name) says the most, so a long path
+ * loses its beginning. Control bytes become '?'. */
+static const char *shown_path_tail(const char *s, char *out, size_t n)
+{
+    size_t len = strlen(s), start = 0, o = 0;
+    if (len + 1 > n) {
+        start = len - (n - 4);
+        memcpy(out, "...", 3);
+        o = 3;
+    }
+    for (size_t i = start; i < len && o + 1 < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        out[o++] = (c < 0x20 || c == 0x7f) ? '?' : (char)c;
+    }
+    out[o] = '\0';
+    return out;
+}
+
 /* out = a + b, cut to fit n: a deep path losing its tail still names where to look. */
 static void join(char *out, size_t n, const char *a, const char *b)
 {
@@ -1165,12 +1183,12 @@ int am_config_load_file(struct am_config *cfg, const char *path, struct am_confi
 {
     struct am_buf b;
     struct stat st;
-    char chunk[4096], shown_path[80];
+    char chunk[4096], shown_path[120];
     json_error_t jerr;
     int fd, rc = 0;
 
     memset(r, 0, sizeof *r);
-    shown(path, shown_path, sizeof shown_path);
+    shown_path_tail(path, shown_path, sizeof shown_path);
     if ((fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY)) < 0) {
         problem(r, "$", "cannot open %s: %s", shown_path, strerror(errno));
         return AM_ECONFIG;
