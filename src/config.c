@@ -1129,8 +1129,15 @@ void am_config_cleanup(struct am_config *cfg)
     if (!cfg) return;
     free_listen(cfg);
     free_upstreams(cfg);
-    free(cfg->data_dir);
-    free(cfg->default_upstream);
+    /* Every string the table stores in cfg itself (data_dir, default_upstream, …). */
+    for (size_t i = 0; i < N_FIELDS; i++) {
+        const struct field *f = &fields[i];
+        if (strcmp(f->section, "upstreams") == 0) continue;
+        if (f->kind != K_STRING && f->kind != K_NSTRING && f->kind != K_URL) continue;
+        char **slot = (char **)(void *)((char *)cfg + f->off);
+        free(*slot);
+        *slot = NULL;
+    }
     memset(cfg, 0, sizeof *cfg);
 }
 
