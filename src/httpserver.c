@@ -121,6 +121,7 @@ struct conn {
     int hstate; /* 0 between headers, 1 in a name, 2 in a value */
     bool url_started;
     bool headers_done;
+    uint64_t trailer_bytes; /* trailer fields seen after a chunked body, discarded */
     bool msg_done;
     unsigned cl_count, te_count, host_count;
     uint64_t body_bytes;
@@ -679,6 +680,7 @@ static void request_reset(struct conn *c)
     c->hstate = 0;
     c->url_started = false;
     c->headers_done = false;
+    c->trailer_bytes = 0;
     c->msg_done = false;
     c->cl_count = c->te_count = c->host_count = 0;
     c->body_bytes = 0;
@@ -775,12 +777,21 @@ static int finish_header(struct conn *c)
     return 0;
 }
 
+static int count_trailer(struct conn *c, size_t len)
+{
+    c->trailer_bytes += len;
+    if (c->trailer_bytes > c->srv->opts.max_header_bytes)
+        return refuse(c, 431, AM_EHEADERS_TOO_LARGE, "request trailer fields too large");
+    return 0;
+}
+
 static int cb_header_field(llhttp_t *p, const char *at, size_t len)
 {
     struct conn *c = pconn(p);
     /* Trailer fields after a chunked body (RFC 9112 §7.1.2) are discarded with the body:
-     * the request's header views were built at headers_complete and must not move. */
-    if (c->headers_done) return 0;
+     * the request's header views were built at headers_complete and must not move. They
+     * are bounded like a head, so a client cannot stream them forever. */
+    if (c->headers_done) return count_trailer(c, len);
     if (c->hstate == 2 && finish_header(c)) return -1;
     if (c->hstate == 0) {
         struct am_httpserver *srv = c->srv;
@@ -824,6 +835,7 @@ static int cb_header_field_complete(llhttp_t *p)
 static int cb_header_value(llhttp_t *p, const char *at, size_t len)
 {
     struct conn *c = pconn(p);
+    if (c->headers_done) return count_trailer(c, len);
     if (c->hstate != 2) return 0;
     return head_append(c, at, len);
 }

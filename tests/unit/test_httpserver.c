@@ -1171,6 +1171,33 @@ static void request_body_over_1_mib_gets_413(void **state)
     free(f);
 }
 
+static void c_endless_trailers(struct fx *f)
+{
+    struct cli c;
+    if (cli_connect(&c, f->port)) return;
+    /* A chunked body, then trailer fields well past the 8 KiB head limit. */
+    size_t cap = 64 * 1024, len = 0;
+    char *raw = malloc(cap);
+    if (!raw) return;
+    len += (size_t)sprintf(raw, "POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                                "\r\n0\r\n");
+    for (int i = 0; len < cap - 64; i++) len += (size_t)sprintf(raw + len, "X-T%d: %040d\r\n", i, i);
+    cli_send_n(&c, raw, len);
+    free(raw);
+    f->rc[0] = cli_response(&c, false, &f->r[0]);
+    f->eof[0] = cli_eof(&c, &f->extra[0]);
+    cli_close(&c);
+}
+
+static void endless_trailer_fields_get_431(void **state)
+{
+    struct fx *f = fx_new(c_endless_trailers, h_echo);
+    fx_run(f);
+    assert_refused(f, 0, 431, NULL);
+    assert_int_equal(f->calls, 0);
+    free(f);
+}
+
 /* --- HTTP/1.0 ------------------------------------------------------------------------ */
 
 static void c_http10(struct fx *f)
@@ -1457,6 +1484,7 @@ int main(void)
         cmocka_unit_test(max_connections_1_gives_503_to_a_second_concurrent_connection),
         cmocka_unit_test(put_with_body_gets_handler_response_and_body_is_discarded),
         cmocka_unit_test(request_body_over_1_mib_gets_413),
+        cmocka_unit_test(endless_trailer_fields_get_431),
         cmocka_unit_test(request_bodies_are_kept_for_the_handler_until_the_exchange_ends),
         cmocka_unit_test(http_1_0_without_keep_alive_closes_after_response),
         cmocka_unit_test(custom_reason_phrase_appears_verbatim_and_cr_lf_are_sanitised),
