@@ -27,7 +27,9 @@ static const char usage[] =
     "Ask a running archmirror which platforms images ship. `audit` reads image references\n"
     "(whitespace-separated, e.g. kubectl get pods -A -o jsonpath='{..image}') from FILE or\n"
     "standard input and exits 1 when any of them misses a required platform.\n"
-    "  --server URL   archmirror to ask (default http://127.0.0.1:5000)\n"
+    "  --server URL   archmirror to ask (default http://127.0.0.1:5000; its admin listener\n"
+    "                 when admin.listen is set)\n"
+    "  --token-file F bearer token for an admin side that requires one (admin.token_file)\n"
     "  --json         print the API's JSON instead of a table\n";
 
 int am_cli_is_command(int argc, char **argv)
@@ -58,7 +60,7 @@ static int parse_server(const char *url, char *host, size_t hl, char *port, size
 /* One HTTP/1.1 exchange with Connection: close. Returns the status (and the body in
  * out), or -1 with a reason printed. */
 static int http_call(const char *server, const char *method, const char *target,
-                     const char *body, struct am_buf *out)
+                     const char *body, const char *token, struct am_buf *out)
 {
     char host[256], port[16];
     if (parse_server(server, host, sizeof host, port, sizeof port)) {
@@ -93,6 +95,7 @@ static int http_call(const char *server, const char *method, const char *target,
     if (!rc && body)
         rc = am_buf_appendf(&req, "Content-Type: application/json\r\nContent-Length: %zu\r\n",
                             blen);
+    if (!rc && token) rc = am_buf_appendf(&req, "Authorization: Bearer %s\r\n", token);
     if (!rc) rc = am_buf_append_str(&req, "\r\n");
     if (!rc && body) rc = am_buf_append(&req, body, blen);
     for (size_t off = 0; !rc && off < req.len;) {
@@ -100,6 +103,7 @@ static int http_call(const char *server, const char *method, const char *target,
         if (w <= 0) rc = -1;
         else off += (size_t)w;
     }
+    explicit_bzero(req.data, req.len);
     am_buf_cleanup(&req);
     struct am_buf resp;
     am_buf_init(&resp, MAX_RESPONSE);
@@ -195,10 +199,12 @@ int am_cli_main(int argc, char **argv)
 {
     bool audit = strcmp(argv[1], "audit") == 0, json_out = false;
     const char *server = "http://127.0.0.1:5000";
+    char token[512] = "";
     json_t *require = json_array(), *images = json_array();
     static const struct option opts[] = {{"server", required_argument, NULL, 's'},
                                          {"require", required_argument, NULL, 'r'},
                                          {"json", no_argument, NULL, 'j'},
+                                         {"token-file", required_argument, NULL, 't'},
                                          {"help", no_argument, NULL, 'h'},
                                          {NULL, 0, NULL, 0}};
     int c, status = EXIT_USAGE;
@@ -208,6 +214,17 @@ int am_cli_main(int argc, char **argv)
         case 's': server = optarg; break;
         case 'r': json_array_append_new(require, json_string(optarg)); break;
         case 'j': json_out = true; break;
+        case 't': {
+            FILE *tf = fopen(optarg, "r");
+            if (!tf || !fgets(token, sizeof token, tf)) {
+                fprintf(stderr, "archmirror: --token-file %s: cannot read it\n", optarg);
+                if (tf) fclose(tf);
+                goto done;
+            }
+            fclose(tf);
+            token[strcspn(token, "\r\n")] = '\0';
+            break;
+        }
         case 'h': fputs(usage, stdout); status = 0; goto done;
         default: fputs(usage, stderr); goto done;
         }
@@ -231,7 +248,7 @@ int am_cli_main(int argc, char **argv)
     json_decref(q);
     struct am_buf resp;
     am_buf_init(&resp, MAX_RESPONSE);
-    int http = http_call(server, "POST", "/api/v1/platforms", body, &resp);
+    int http = http_call(server, "POST", "/api/v1/platforms", body, token[0] ? token : NULL, &resp);
     free(body);
     status = EXIT_SERVER;
     json_t *doc = resp.data ? json_loads(resp.data, 0, NULL) : NULL;
@@ -263,6 +280,7 @@ int am_cli_main(int argc, char **argv)
     json_decref(doc);
     am_buf_cleanup(&resp);
 done:
+    explicit_bzero(token, sizeof token);
     json_decref(require);
     json_decref(images);
     return status;

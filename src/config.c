@@ -198,6 +198,14 @@ static const struct field fields[] = {
     {"pull_log", "enabled", K_BOOL, C_BOOL(pulllog_enabled), "true", 0, 0, 0,
      "Record pulls to <dir>/pulls.jsonl and keep per-image, per-platform aggregates for "
      "/api/v1/pulls and /api/v1/readiness."},
+    {"", "admin", K_OBJECT, 0, NULL, 0, 0, 0,
+     "The admin side: /metrics and /api/v1/* (platforms, pulls, readiness)."},
+    {"admin", "listen", K_NSTRING, C_STR(admin_listen), "null", 0, 0, 0,
+     "A separate \"host:port\" for the admin side; the registry listeners then answer 404 "
+     "there. null: the admin side is served on the registry listeners."},
+    {"admin", "token_file", K_NSTRING, C_STR(admin_token_file), "null", 0, 0, 0,
+     "File holding a bearer token that the admin side requires (Authorization: Bearer …); "
+     "read at start-up. null: no token. /healthz and /readyz never need it."},
     {"pull_log", "dir", K_NSTRING, C_STR(pulllog_dir), "null", 0, 0, 0,
      "Directory of the pull log; null: <data_dir>/pulls."},
     {"pull_log", "rotate_size", K_SIZE, C_U64(pulllog_rotate_bytes), "\"64MiB\"", KIB,
@@ -1443,6 +1451,14 @@ int am_config_validate(const struct am_config *cfg, struct am_config_report *r)
     if (cfg->log_level < AM_LOG_ERROR || cfg->log_level > AM_LOG_DEBUG)
         problem(r, "$.log_level", "%d is not a log level", cfg->log_level);
     if (!cfg->data_dir || !*cfg->data_dir) problem(r, "$.data_dir", "must not be empty");
+    if (cfg->admin_listen) {
+        char why[160];
+        if (check_listen(cfg->admin_listen, why, sizeof why))
+            problem(r, "$.admin.listen", "%s", why);
+    }
+    if (cfg->admin_token_file && access(cfg->admin_token_file, R_OK) != 0)
+        problem(r, "$.admin.token_file", "cannot read %s: %s", cfg->admin_token_file,
+                strerror(errno));
     if (cfg->blob_low_pct > cfg->blob_high_pct)
         problem(r, "$.cache.evict_low_watermark",
                 "%llu is above evict_high_watermark (%llu): eviction would never stop",

@@ -63,6 +63,8 @@ struct app {
     struct am_pulllog *pl;
     struct am_registry *reg;
     struct am_httpserver *srv;
+    struct am_httpserver *admin; /* NULL unless admin.listen is set */
+    int draining;                /* servers still draining */
     uv_signal_t sigterm, sigint;
     bool stopping;
 };
@@ -130,6 +132,7 @@ static void on_blobs_closed(void *arg)
 static void on_server_drained(void *arg)
 {
     struct app *app = arg;
+    if (--app->draining > 0) return;
     AM_INFO("server drained; closing upstreams and the cache stores");
     am_registry_free(app->reg);
     app->reg = NULL;
@@ -145,7 +148,9 @@ static void on_signal(uv_signal_t *h, int signum)
     }
     app->stopping = true;
     AM_INFO("signal %d: draining connections", signum);
+    app->draining = app->admin ? 2 : 1;
     am_httpserver_drain(app->srv, on_server_drained, app);
+    if (app->admin) am_httpserver_drain(app->admin, on_server_drained, app);
 }
 
 /* --- flags ---------------------------------------------------------------------------- */
@@ -284,6 +289,26 @@ static int load_config(struct am_config *cfg, const char *file, const struct fla
     return 0;
 }
 
+/* Reads a one-line secret; trailing newlines go. Returns 0 or -errno (reason printed). */
+static int read_token(const char *path, char *out, size_t cap)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        int e = errno;
+        fprintf(stderr, "archmirror: admin.token_file %s: %s\n", path, strerror(e));
+        return -e;
+    }
+    size_t n = fread(out, 1, cap - 1, f);
+    fclose(f);
+    out[n] = '\0';
+    while (n && (out[n - 1] == '\n' || out[n - 1] == '\r')) out[--n] = '\0';
+    if (!n) {
+        fprintf(stderr, "archmirror: admin.token_file %s is empty\n", path);
+        return -EINVAL;
+    }
+    return 0;
+}
+
 static int start(struct app *app)
 {
     char msg[512] = "";
@@ -353,6 +378,28 @@ static int start(struct app *app)
     for (size_t i = 0; i < cfg->n_upstreams; i++)
         AM_INFO("upstream %s → %s%s", cfg->upstreams[i].name, cfg->upstreams[i].url,
                 strcmp(cfg->upstreams[i].name, cfg->default_upstream) == 0 ? " (default)" : "");
+    if (cfg->admin_listen || cfg->admin_token_file) {
+        char token[512] = "";
+        if (cfg->admin_token_file && (rc = read_token(cfg->admin_token_file, token, sizeof token)))
+            return rc;
+        rc = am_registry_set_admin(app->reg, cfg->admin_listen != NULL, token[0] ? token : NULL);
+        explicit_bzero(token, sizeof token);
+        if (rc) return rc;
+    }
+    if (cfg->admin_listen) {
+        if ((rc = am_httpserver_new(&app->loop, &so, am_registry_handle_admin, app->reg,
+                                    &app->admin))) {
+            fprintf(stderr, "archmirror: admin server: %s\n", am_error_message(rc));
+            return rc;
+        }
+        msg[0] = '\0';
+        if ((rc = am_httpserver_listen(app->admin, cfg->admin_listen, msg, sizeof msg))) {
+            fprintf(stderr, "archmirror: admin: %s\n", msg[0] ? msg : am_error_message(rc));
+            return rc;
+        }
+        AM_INFO("admin side (/metrics, /api/v1) on %s%s", cfg->admin_listen,
+                cfg->admin_token_file ? ", bearer token required" : "");
+    }
     AM_INFO("archmirror %s ready; data in %s", AM_VERSION, cfg->data_dir);
     return 0;
 }
@@ -360,10 +407,12 @@ static int start(struct app *app)
 /* Start-up failed: undo what was opened, letting async closes finish. */
 static void abandon(struct app *app)
 {
-    if (app->srv) {
-        am_httpserver_drain(app->srv, NULL, NULL);
+    struct am_httpserver *servers[] = {app->srv, app->admin};
+    for (int i = 0; i < 2; i++) {
+        if (!servers[i]) continue;
+        am_httpserver_drain(servers[i], NULL, NULL);
         uv_run(&app->loop, UV_RUN_DEFAULT);
-        am_httpserver_free(app->srv);
+        am_httpserver_free(servers[i]);
     }
     am_registry_free(app->reg);
     if (app->bs) am_blobstore_close_store(app->bs, NULL, NULL);
@@ -419,6 +468,7 @@ int main(int argc, char **argv)
     uv_run(&app.loop, UV_RUN_DEFAULT);
 
     am_httpserver_free(app.srv);
+    if (app.admin) am_httpserver_free(app.admin);
     int rc = uv_loop_close(&app.loop);
     if (rc) AM_WARN("event loop closed with live handles: %s", uv_strerror(rc));
     am_config_cleanup(&app.cfg);

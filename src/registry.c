@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "archmirror/blobflight.h"
 #include "archmirror/buf.h"
@@ -51,6 +52,8 @@ struct am_registry {
     struct am_imageinfo *ii;   /* owned */
     struct am_platformapi *api; /* owned */
     struct am_pulltrack *pt;   /* owned */
+    bool admin_separate;       /* admin paths only on the admin listener */
+    char *admin_token;         /* owned secret or NULL */
     struct am_upstream *ups[AM_CONFIG_MAX_UPSTREAMS]; /* owned; index = cfg->upstreams */
     size_t n_ups;
 };
@@ -708,6 +711,88 @@ void am_registry_on_complete(void *ctx, const struct am_http_request *req, int s
              completed ? "" : " (aborted)");
 }
 
+static bool is_admin_path(const char *path)
+{
+    return strcmp(path, "/metrics") == 0 || strncmp(path, "/api/", 5) == 0;
+}
+
+/* Constant-time comparison: a token check must not tell how much of a guess was right. */
+static bool token_ok(const struct am_registry *reg, const struct am_http_exchange *ex)
+{
+    size_t len;
+    const char *v = am_http_req_header(ex, "authorization", &len);
+    if (!v || len < 7 || strncasecmp(v, "Bearer ", 7) != 0) return false;
+    v += 7;
+    len -= 7;
+    size_t want = strlen(reg->admin_token);
+    unsigned diff = (unsigned)(len ^ want);
+    for (size_t i = 0; i < len && i < want; i++) diff |= (unsigned)(v[i] ^ reg->admin_token[i]);
+    return diff == 0;
+}
+
+/* The admin side: metrics and the JSON API. Returns false when path is not admin. */
+static bool handle_admin(struct am_registry *reg, struct am_http_exchange *ex,
+                         const struct am_http_request *req)
+{
+    if (!is_admin_path(req->path)) return false;
+    if (reg->admin_token && !token_ok(reg, ex)) {
+        struct am_http_header h[] = {hdr("WWW-Authenticate", "Bearer realm=\"archmirror-admin\"")};
+        AM_INFO("c%llu r%llu %s %s: missing or wrong admin token", (unsigned long long)req->conn_id,
+                (unsigned long long)req->id, req->method, req->path);
+        am_http_respond_error(ex, AM_EUNAUTHORIZED, NULL, "the admin API needs its bearer token",
+                              h, 1);
+        return true;
+    }
+    if (strcmp(req->path, "/metrics") == 0) {
+        respond_metrics(reg, ex);
+        return true;
+    }
+    if (am_platformapi_owns(req->path, req->path_len)) {
+        am_platformapi_handle(reg->api, ex);
+        return true;
+    }
+    if (am_pulllog_handle(reg->pl, ex)) return true;
+    respond_error(ex, AM_ENOT_FOUND, "no such admin endpoint");
+    return true;
+}
+
+/* Probes answer on every listener, without a token. */
+static bool handle_health(struct am_registry *reg, struct am_http_exchange *ex,
+                          const struct am_http_request *req)
+{
+    struct am_http_header h[] = {hdr("Content-Type", "text/plain")};
+    if (strcmp(req->path, "/healthz") == 0) {
+        am_http_respond(ex, 200, NULL, h, 1, "ok\n", 3);
+        return true;
+    }
+    if (strcmp(req->path, "/readyz") != 0) return false;
+    /* Ready means the cache store answers reads: probe it with a key that never exists.
+     * A draining server has already stopped accepting. */
+    struct am_tag_rec probe;
+    int prc = am_metastore_get_tag(reg->ms, "readyz", "readyz", "readyz", &probe);
+    if (prc == 0 || prc == AM_ENOT_FOUND)
+        am_http_respond(ex, 200, NULL, h, 1, "ready\n", 6);
+    else
+        am_http_respond(ex, 503, NULL, h, 1, "cache store unavailable\n", 24);
+    return true;
+}
+
+void am_registry_handle_admin(void *ctx, struct am_http_exchange *ex)
+{
+    struct am_registry *reg = ctx;
+    const struct am_http_request *req = am_http_request_of(ex);
+    if (handle_health(reg, ex, req) || handle_admin(reg, ex, req)) return;
+    respond_error(ex, AM_ENOT_FOUND, "this is the admin listener: /metrics, /api/v1/...");
+}
+
+int am_registry_set_admin(struct am_registry *reg, bool separate, const char *token)
+{
+    reg->admin_separate = separate;
+    if (!token) return 0;
+    reg->admin_token = strdup(token);
+    return reg->admin_token ? 0 : AM_ENOMEM;
+}
+
 void am_registry_handle(void *ctx, struct am_http_exchange *ex)
 {
     struct am_registry *reg = ctx;
@@ -715,30 +800,10 @@ void am_registry_handle(void *ctx, struct am_http_exchange *ex)
     struct am_route rt;
     char msg[256];
 
-    if (strcmp(req->path, "/healthz") == 0) {
-        struct am_http_header h[] = {hdr("Content-Type", "text/plain")};
-        am_http_respond(ex, 200, NULL, h, 1, "ok\n", 3);
-        return;
-    }
-    if (am_platformapi_owns(req->path, req->path_len)) {
-        am_platformapi_handle(reg->api, ex);
-        return;
-    }
-    if (strncmp(req->path, "/api/v1/", 8) == 0 && am_pulllog_handle(reg->pl, ex)) return;
-    if (strcmp(req->path, "/metrics") == 0) {
-        respond_metrics(reg, ex);
-        return;
-    }
-    if (strcmp(req->path, "/readyz") == 0) {
-        /* Ready means the cache store answers reads: probe it with a key that never
-         * exists. A draining server has already stopped accepting. */
-        struct am_tag_rec probe;
-        int prc = am_metastore_get_tag(reg->ms, "readyz", "readyz", "readyz", &probe);
-        struct am_http_header h[] = {hdr("Content-Type", "text/plain")};
-        if (prc == 0 || prc == AM_ENOT_FOUND)
-            am_http_respond(ex, 200, NULL, h, 1, "ready\n", 6);
-        else
-            am_http_respond(ex, 503, NULL, h, 1, "cache store unavailable\n", 24);
+    if (handle_health(reg, ex, req)) return;
+    if (is_admin_path(req->path)) {
+        if (reg->admin_separate) respond_error(ex, AM_ENOT_FOUND, "served on the admin listener");
+        else handle_admin(reg, ex, req);
         return;
     }
 
@@ -841,6 +906,10 @@ void am_registry_free(struct am_registry *reg)
     if (!reg) return;
     am_blobflights_free(reg->bf); /* cancels fetches before their upstreams go */
     am_pulltrack_free(reg->pt);
+    if (reg->admin_token) {
+        explicit_bzero(reg->admin_token, strlen(reg->admin_token));
+        free(reg->admin_token);
+    }
     if (reg->api) am_platformapi_free(reg->api);
     am_imageinfo_free(reg->ii); /* before the manifests and upstreams it uses */
     am_manifests_free(reg->mf);

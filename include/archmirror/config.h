@@ -66,6 +66,10 @@ struct am_config {
     uint64_t blob_low_pct;        /* ... and frees down to this % */
     uint64_t blobstore_map_bytes;
 
+    /* admin side */
+    char *admin_listen;     /* owned or NULL: served on the registry listeners */
+    char *admin_token_file; /* owned or NULL: no token required */
+
     /* pull log */
     bool pulllog_enabled;
     char *pulllog_dir; /* owned or NULL: <data_dir>/pulls */

@@ -15,6 +15,7 @@
 #ifndef ARCHMIRROR_REGISTRY_H
 #define ARCHMIRROR_REGISTRY_H
 
+#include <stdbool.h>
 #include <uv.h>
 
 #include "archmirror/blobstore.h"
@@ -34,6 +35,12 @@ int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_meta
                     char *msg, size_t msglen);
 /* The am_http_handler_fn for the server; ctx is the registry. */
 void am_registry_handle(void *ctx, struct am_http_exchange *ex);
+/* The handler of a separate admin listener: /metrics, /api/v1/…, /healthz, /readyz. */
+void am_registry_handle_admin(void *ctx, struct am_http_exchange *ex);
+/* separate: admin paths are answered only by am_registry_handle_admin (the registry
+ * listeners say 404). token (borrowed, copied; may be NULL): the bearer token the admin
+ * side requires. Returns 0 or AM_ENOMEM. */
+int am_registry_set_admin(struct am_registry *reg, bool separate, const char *token);
 /* The server's on_complete hook: request metrics and the debug access log. */
 void am_registry_on_complete(void *ctx, const struct am_http_request *req, int status,
                              uint64_t body_bytes, bool completed, uint64_t duration_ns);
