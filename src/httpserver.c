@@ -48,7 +48,7 @@
 #define OBUF_MAX                 (1024 * 1024) /* response head */
 #define EBUF_MAX                 (64 * 1024)   /* OCI error body */
 #define OUT_HIGH                 (1024 * 1024) /* queued response bytes that stop parsing */
-#define REASON_MAX               128           /* bytes of a custom reason phrase kept */
+#define REASON_MAX               256           /* custom reason phrase bytes kept (diagnostics) */
 #define LINGER_MS                2000          /* reading after our FIN, so the client sees it */
 #define WREQ_SMALL               4096          /* write requests at most this big are cached */
 #define WREQ_CACHE               256

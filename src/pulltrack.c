@@ -126,6 +126,78 @@ static void record(struct am_pulltrack *pt, const struct am_pulltrack_event *ev,
              am_pulllog_source_name(source));
 }
 
+/* A completed single-arch pull: its platform is the header's, else its config's. */
+static void record_single(struct am_pulltrack *pt, const struct am_pulltrack_event *ev,
+                          const char *tag, const char *header,
+                          const struct am_imageinfo_image *image, bool hit)
+{
+    char cfgplat[AM_PLATFORM_FORMAT_SIZE] = "";
+    if (image && image->n_platforms == 1)
+        am_platform_format(&image->platforms[0].platform, cfgplat, sizeof cfgplat);
+    record(pt, ev, tag, ev->digest, NULL, header[0] ? header : cfgplat,
+           header[0]    ? AM_PULLLOG_SOURCE_HEADER
+           : cfgplat[0] ? AM_PULLLOG_SOURCE_CONFIG
+                        : AM_PULLLOG_SOURCE_UNKNOWN,
+           image, ev->size, hit);
+}
+
+/* A single-arch pull whose config was never read: the record waits for imageinfo to
+ * fetch it once (shared with a diagnostics check asking the same), so the pull log gets
+ * the image's platform rather than "unknown". Everything the record needs is copied. */
+struct deferred {
+    struct am_pulltrack *pt;
+    struct am_pulltrack_event ev;
+    char peer[AM_PULLLOG_CLIENT_MAX];
+    struct am_platform node[1];
+    char repo[AM_NAME_MAX + 1];
+    char tag[AM_TAG_MAX + 1];
+    char media_type[AM_MEDIATYPE_MAX + 1];
+    char header[AM_PLATFORM_FORMAT_SIZE];
+    struct am_digest digest;
+    bool hit;
+};
+
+static void on_single_resolved(void *arg, const struct am_imageinfo_result *r)
+{
+    struct deferred *d = arg;
+    if (r->err != AM_ECANCELED)
+        record_single(d->pt, &d->ev, d->tag[0] ? d->tag : NULL, d->header,
+                      r->err ? NULL : r->image, d->hit);
+    free(d);
+}
+
+static bool defer_single(struct am_pulltrack *pt, const struct am_pulltrack_event *ev,
+                         const char *tag, const char *header, bool hit)
+{
+    struct deferred *d = calloc(1, sizeof *d);
+    if (!d) return false;
+    d->pt = pt;
+    d->hit = hit;
+    snprintf(d->peer, sizeof d->peer, "%s", ev->peer ? ev->peer : "");
+    snprintf(d->repo, sizeof d->repo, "%s", ev->repo);
+    snprintf(d->tag, sizeof d->tag, "%s", tag ? tag : "");
+    snprintf(d->media_type, sizeof d->media_type, "%s", ev->media_type);
+    snprintf(d->header, sizeof d->header, "%s", header);
+    d->digest = *ev->digest;
+    d->ev = *ev;
+    d->ev.peer = d->peer;
+    d->ev.repo = d->repo;
+    d->ev.tag = d->tag[0] ? d->tag : NULL;
+    d->ev.media_type = d->media_type;
+    d->ev.digest = &d->digest;
+    d->ev.bytes = NULL;
+    d->ev.n_node = ev->n_node ? 1 : 0;
+    if (ev->n_node) d->node[0] = ev->node[0];
+    d->ev.node = d->node;
+    struct am_imageinfo_query q = {.up_idx = ev->up_idx, .repo = d->repo, .digest = &d->digest};
+    struct am_imageinfo_waiter *w;
+    if (am_imageinfo_get(pt->ii, &q, on_single_resolved, d, &w) != 0) {
+        free(d);
+        return false;
+    }
+    return true; /* on_single_resolved records it (maybe already did) */
+}
+
 bool am_pulltrack_observe(struct am_pulltrack *pt, const struct am_pulltrack_event *ev)
 {
     char node[AM_PULLLOG_CLIENT_MAX], header[AM_PLATFORM_FORMAT_SIZE] = "";
@@ -184,16 +256,13 @@ bool am_pulltrack_observe(struct am_pulltrack *pt, const struct am_pulltrack_eve
     }
     const char *tag = ev->tag;
     if (!tag && s && am_digest_equal(&s->digest, ev->digest)) tag = s->tag;
+    bool hit = ev->cache_hit && (!s || s->hit);
     struct am_imageinfo_image image;
-    bool known = am_imageinfo_lookup_cached(pt->ii, ev->up_idx, ev->repo, ev->digest, &image) == 0;
-    char cfgplat[AM_PLATFORM_FORMAT_SIZE] = "";
-    if (known && image.n_platforms == 1)
-        am_platform_format(&image.platforms[0].platform, cfgplat, sizeof cfgplat);
-    record(pt, ev, tag, ev->digest, NULL, header[0] ? header : cfgplat,
-           header[0]   ? AM_PULLLOG_SOURCE_HEADER
-           : cfgplat[0] ? AM_PULLLOG_SOURCE_CONFIG
-                        : AM_PULLLOG_SOURCE_UNKNOWN,
-           known ? &image : NULL, ev->size, ev->cache_hit && (!s || s->hit));
+    if (am_imageinfo_lookup_cached(pt->ii, ev->up_idx, ev->repo, ev->digest, &image) == 0) {
+        record_single(pt, ev, tag, header, &image, hit);
+    } else if (!defer_single(pt, ev, tag, header, hit)) {
+        record_single(pt, ev, tag, header, NULL, hit);
+    }
     if (s) s->used = false;
     return true;
 }

@@ -905,13 +905,15 @@ void am_registry_free(struct am_registry *reg)
 {
     if (!reg) return;
     am_blobflights_free(reg->bf); /* cancels fetches before their upstreams go */
-    am_pulltrack_free(reg->pt);
     if (reg->admin_token) {
         explicit_bzero(reg->admin_token, strlen(reg->admin_token));
         free(reg->admin_token);
     }
     if (reg->api) am_platformapi_free(reg->api);
-    am_imageinfo_free(reg->ii); /* before the manifests and upstreams it uses */
+    /* Before the manifests and upstreams it uses, and before the pull tracker, whose
+     * deferred records it answers with AM_ECANCELED. */
+    am_imageinfo_free(reg->ii);
+    am_pulltrack_free(reg->pt);
     am_manifests_free(reg->mf);
     for (size_t i = 0; i < reg->n_ups; i++) am_upstream_free(reg->ups[i]);
     free(reg);

@@ -43,6 +43,31 @@ def write_hosts_toml(hosts_dir, registry_host, server_url, mirror_url, platform=
     return path
 
 
+def write_hosts_toml_mirror_only(hosts_dir, registry_host, mirror_url, platform=None,
+                                 extra_headers=None):
+    """<hosts_dir>/<registry_host>/hosts.toml in mirror-only mode: `server` = the mirror
+    (so it is the last, and only, host containerd tries and its errors reach ctr), the
+    root [header] table (which applies to `server`) and an EMPTY [host] table, without
+    which containerd 1.6/1.7 reject the file ("invalid `host` tree") and ignore it
+    (shared/reference/containerd-mirror.md §2)."""
+    d = os.path.join(hosts_dir, registry_host)
+    os.makedirs(d, exist_ok=True)
+    lines = ['server = "%s"' % mirror_url, ""]
+    headers = dict(extra_headers or {})
+    if platform:
+        headers["X-Node-Platform"] = platform
+    if headers:
+        lines.append("[header]")
+        for k, v in headers.items():
+            lines.append('  %s = "%s"' % (k, v))
+        lines.append("")
+    lines.append("[host]")
+    path = os.path.join(d, "hosts.toml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 class PullResult:
     def __init__(self, ref, platform, returncode, stdout, stderr, duration, digest):
         self.ref = ref
