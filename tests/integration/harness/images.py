@@ -52,6 +52,24 @@ class Blob:
                 "bytes": self.data}
 
 
+def large_blob(seed, mib=None, size=None, media_type=OCI_LAYER):
+    """A Blob of incompressible pseudo-random bytes: `mib` MiB (or exactly `size`
+    bytes), the same bytes for the same seed on every run (random.Random(str) is
+    seeded via SHA-512, stable across Python 3 versions). 64 MiB takes ~0.3 s and
+    about its own size in memory: the bytes are made 1 MiB at a time into one
+    bytearray, which is Blob.data here (bytes-like: hashlib, http.client, ==, slices).
+    Push it with registry.OCIClient.push_blob (monolithic POST + PUT)."""
+    assert (mib is None) != (size is None), "give exactly one of mib, size"
+    n = mib * 1024 * 1024 if size is None else size
+    rnd = random.Random("large-blob-%s-%d" % (seed, n))
+    data = bytearray(n)
+    step = 1 << 20
+    for i in range(0, n, step):
+        k = min(step, n - i)
+        data[i:i + k] = rnd.randbytes(k)
+    return Blob(data, media_type)
+
+
 def layer_tar(seed, files=3, size=2048):
     """A small real layer: (uncompressed_tar, gzipped). Deterministic per seed."""
     rnd = random.Random("layer-%s" % seed)
