@@ -98,21 +98,21 @@ class ContainerdPullTest(testbase.IntegrationCase):
                     self.assertManifestResponse(r, m, "GET", "GET by digest, upstream down")
 
     def test_3_full_pull_with_upstream_down(self):
-        """EXPLICIT FULL-PULL ASSERTION (upstream down, fresh containerd content store).
-        Needs blobs cached by archmirror. Until archmirror caches blobs this is skipped
-        with the reason; AM_REQUIRE_OFFLINE_PULL=1 turns the skip into a failure."""
+        """EXPLICIT FULL-PULL ASSERTION (upstream down, fresh containerd content store per
+        platform): every image test_1 pulled, for linux/arm64 and linux/amd64, is pulled
+        and unpacked again from archmirror's cache alone (manifests and blobs)."""
         self.__class__.upstream_down()
-        ctd2 = self.start_containerd(name="containerd-fresh")
-        pr = ctd2.pull(self.ref("multi"), "linux/arm64", self.hosts["linux/arm64"])
-        if not pr.ok:
-            msg = ("FULL containerd pull with the upstream down failed (blobs not cached by "
-                   "archmirror?): %r" % pr)
-            if os.environ.get("AM_REQUIRE_OFFLINE_PULL") == "1":
-                self.fail(msg + self.context())
-            last = (pr.stderr.strip().splitlines() or ["?"])[-1]
-            self.skipTest("FULL containerd pull with the upstream down not possible yet "
-                          "(blobs not cached by archmirror?): ctr said: %s" % last)
-        self.assertEqual(pr.digest, self.seeded["multi"][2]["top"].digest)
+        for plat in PLATFORMS:
+            ctd2 = self.start_containerd(name="containerd-fresh-" + plat.replace("/", "-"))
+            for key in ("multi", "list", "single"):
+                with self.subTest(image=key, platform=plat):
+                    pr = ctd2.pull(self.ref(key), plat, self.hosts[plat])
+                    self.assertTrue(pr.ok, "FULL containerd pull with the upstream down "
+                                    "failed: %r%s" % (pr, self.context()))
+                    self.assertEqual(pr.digest, self.seeded[key][2]["top"].digest)
+                    missing = self.expected_content(key, plat) - ctd2.content_digests()
+                    self.assertFalse(missing, "content missing after the offline pull: %s"
+                                     % missing)
 
     @classmethod
     def upstream_down(cls):
