@@ -124,6 +124,7 @@ struct am_metastore {
     struct op_list pending; /* loop thread only */
     struct op_list batch;   /* the worker's while `running`; then the loop's */
     int batch_rc;           /* LMDB/errno result of the batch, written by the worker */
+    size_t batch_evicted;   /* manifests the worker evicted to make room, this batch */
     uv_work_t work;         /* the one work request in flight (batch or close) */
     bool running;           /* a work request is in flight or its callbacks are running */
     bool closing;
@@ -785,9 +786,72 @@ static void maybe_start(struct am_metastore *ms);
 
 /* Worker thread: the whole batch in one write transaction. Touches only ms->env,
  * ms->batch and ms->batch_rc. */
-static void on_batch_work(uv_work_t *w)
+static int cmp_u64(const void *a, const void *b)
 {
-    struct am_metastore *ms = w->data;
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Worker thread, when the map is full: deletes the oldest quarter of the manifests (by
+ * the time they were stored) in one transaction, so the cache stays bounded by its map
+ * instead of refusing every new manifest. Manifests are immutable and content-addressed:
+ * one evicted while still in use is fetched again by digest on its next request. Tags
+ * are small and stay. Returns how many were deleted. */
+static size_t evict_oldest_manifests(struct am_metastore *ms)
+{
+    MDB_txn *txn = NULL;
+    MDB_cursor *cur = NULL;
+    uint64_t *times = NULL;
+    size_t n = 0, cap = 0, deleted = 0;
+    MDB_val k, v;
+    if (mdb_txn_begin(ms->env, NULL, 0, &txn) || mdb_cursor_open(txn, ms->dbi_manifests, &cur))
+        goto fail;
+    for (int rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        if (n == cap) {
+            size_t ncap = cap ? cap * 2 : 1024;
+            uint64_t *t = realloc(times, ncap * sizeof *t);
+            if (!t) goto fail;
+            times = t;
+            cap = ncap;
+        }
+        times[n++] = v.mv_size >= HDR_LEN ? get_u64le((const unsigned char *)v.mv_data + 8) : 0;
+    }
+    if (n == 0) goto fail;
+    qsort(times, n, sizeof *times, cmp_u64);
+    uint64_t cutoff = times[n / 4];
+    for (int rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        uint64_t t = v.mv_size >= HDR_LEN ? get_u64le((const unsigned char *)v.mv_data + 8) : 0;
+        if (t <= cutoff && mdb_cursor_del(cur, 0) == 0) deleted++;
+    }
+    mdb_cursor_close(cur);
+    cur = NULL;
+    if (mdb_txn_commit(txn)) deleted = 0;
+    txn = NULL;
+fail:
+    if (cur) mdb_cursor_close(cur);
+    if (txn) mdb_txn_abort(txn);
+    free(times);
+    return deleted;
+}
+
+/* A one-record write (the time of the last eviction) that moves LMDB's txn id on. */
+static int touch_meta(struct am_metastore *ms)
+{
+    MDB_txn *txn = NULL;
+    unsigned char now[8];
+    put_u64le(now, am_metastore_now_ms());
+    MDB_val k = {.mv_size = 10, .mv_data = (void *)"evicted_at"}, v = {.mv_size = 8, .mv_data = now};
+    int rc = mdb_txn_begin(ms->env, NULL, 0, &txn);
+    if (rc == 0 && (rc = mdb_put(txn, ms->dbi_meta, &k, &v, 0)) == 0) return mdb_txn_commit(txn);
+    if (txn) mdb_txn_abort(txn);
+    return rc;
+}
+
+/* One write transaction for the whole batch; nothing of a failed batch is applied. */
+static int write_batch(struct am_metastore *ms)
+{
     MDB_txn *txn = NULL;
     int rc = mdb_txn_begin(ms->env, NULL, 0, &txn);
     for (struct op *o = ms->batch.head; rc == 0 && o; o = o->next) {
@@ -799,7 +863,21 @@ static void on_batch_work(uv_work_t *w)
         if (rc == 0)
             rc = mdb_txn_commit(txn); /* frees txn whatever it returns */
         else
-            mdb_txn_abort(txn); /* nothing of a failed batch is applied */
+            mdb_txn_abort(txn);
+    }
+    return rc;
+}
+
+static void on_batch_work(uv_work_t *w)
+{
+    struct am_metastore *ms = w->data;
+    int rc = write_batch(ms);
+    if (rc == MDB_MAP_FULL) {
+        size_t freed = evict_oldest_manifests(ms);
+        ms->batch_evicted = freed;
+        /* LMDB reuses the pages a transaction freed only once a later transaction has
+         * committed (the meta pages are double-buffered): commit a small one first. */
+        if (freed && touch_meta(ms) == 0) rc = write_batch(ms);
     }
     ms->batch_rc = rc;
 }
@@ -815,6 +893,12 @@ static void on_batch_done(uv_work_t *w, int uvstatus)
 
     ms->batch = (struct op_list){0};
     ms->stats.write_txns++;
+    if (ms->batch_evicted) {
+        AM_INFO("metastore: %s: map full: evicted the oldest %zu manifests", ms->path,
+                ms->batch_evicted);
+        ms->stats.evicted += ms->batch_evicted;
+        ms->batch_evicted = 0;
+    }
     if (status == 0) {
         ms->stats.committed += done.n;
     } else {

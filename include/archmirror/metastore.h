@@ -124,6 +124,7 @@ struct am_metastore_stats {
     uint64_t write_txns; /* write transactions run (one per batch) */
     uint64_t committed;  /* writes whose batch committed */
     uint64_t failed;     /* writes whose batch failed */
+    uint64_t evicted;    /* manifests deleted (oldest first) to make room in a full map */
 };
 /* Copies the counters into *out. Loop thread; ms must not yet have reached close's done. */
 void am_metastore_get_stats(const struct am_metastore *ms, struct am_metastore_stats *out);

@@ -18,6 +18,8 @@ upstream fetch that returns the right bytes.
 * test_4: one byte flipped at 20 MiB of a 32 MiB blob with four waiters → all aborted,
   an error/warning naming the digest in archmirror's log; retry → exact.
 * test_5: the flipped byte is the first one, or the last one (the held-back byte itself).
+* test_6: a blob the upstream does not have, asked by several clients at once: each gets
+  404 BLOB_UNKNOWN (an OCI error, not a 200), nothing is stored, no temp file is left.
 """
 import glob
 import os
@@ -27,7 +29,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import faultproxy, images, testbase  # noqa: E402
+from harness import faultproxy, httpc, images, testbase  # noqa: E402
 from harness.faultproxy import TimedGetThread  # noqa: E402
 
 MiB = 1024 * 1024
@@ -241,6 +243,24 @@ class BlobFaultsTest(testbase.IntegrationCase):
         self.assertTrue(found, "no error/warn line naming %s in archmirror's log%s" % (
             ref.digest, self.ctx()))
 
+
+    def test_6_upstream_404_for_every_waiter(self):
+        missing = images.large_blob("faults-never-pushed", size=1000)
+        path = "/v2/%s/blobs/%s?ns=example.com" % (REPO, missing.digest)
+        clients = [TimedGetThread(self.am.port, path, name="n%d" % i, keep_body=True)
+                   for i in range(4)]
+        for c in clients:
+            c.start()
+        results = [c.wait(30) for c in clients]
+        for i, r in enumerate(results):
+            with self.subTest(client=i):
+                ctx = "%r%s" % (r, self.ctx(results))
+                self.assertEqual(r.status, 404, ctx)
+                self.assertIn("BLOB_UNKNOWN", httpc.oci_error_codes(r.body), ctx)
+        self.assertGreaterEqual(self.fp.count(method="GET", path="/v2/%s/blobs/%s" % (
+            REPO, missing.digest)), 1, self.ctx())
+        ref = Ref(missing)
+        self.assertNothingCached(ref, results)
 
 if __name__ == "__main__":
     testbase.main()

@@ -21,6 +21,9 @@ bytes.
 * test_4: a late joiner arriving when half the body is fetched (upstream paused there)
   gets that half from the temp file without waiting for the upstream, then follows live;
   exact bytes, X-Archmirror-Cache: joined.
+* test_5: clients keep arriving every 50 ms from before the fetch starts until after it
+  was committed (16 MiB at 16 MiB/s): every one gets exact bytes, one upstream GET, and
+  the labels follow the timeline: one miss, then joined, then hit (no race at commit).
 """
 import glob
 import os
@@ -30,7 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import faultproxy, images, testbase  # noqa: E402
-from harness.faultproxy import TimedGetThread, now  # noqa: E402
+from harness.faultproxy import TimedGetThread  # noqa: E402
 
 MiB = 1024 * 1024
 REPO = "library/big"
@@ -72,7 +75,8 @@ class BlobSingleFlightTest(testbase.IntegrationCase):
         cls.registry = cls.start_registry()
         client = cls.registry.client()
         cls.blobs = {}
-        for key, mib in (("herd", 64), ("slow", 32), ("gone", 16), ("late", 32)):
+        for key, mib in (("herd", 64), ("slow", 32), ("gone", 16), ("late", 32),
+                         ("stagger", 16)):
             b = images.large_blob("singleflight-" + key, mib=mib)
             client.push_blob(REPO, b)
             cls.blobs[key] = Ref(b)
@@ -287,6 +291,30 @@ class BlobSingleFlightTest(testbase.IntegrationCase):
         self.assertOneUpstreamFetch(ref, allres)
         self.assertCachedHit(ref)
 
+
+    def test_5_staggered_arrivals_across_fetch_and_commit(self):
+        ref = self.blobs["stagger"]
+        self.fp.throttle(16 * MiB, path=ref.up_path)    # ~1 s upstream transfer
+        clients = []
+        for i in range(30):                             # 0 .. 1.45 s
+            c = TimedGetThread(self.am.port, ref.path, name="s%d" % i)
+            c.start()
+            clients.append(c)
+            time.sleep(0.05)
+        results = [c.wait(60) for c in clients]
+        up = self.upstream_entry(ref)
+        for i, r in enumerate(results):
+            with self.subTest(client=i):
+                self.assertExact(r, ref, "client %d" % i)
+        self.assertOneUpstreamFetch(ref, results)
+        states = [r.header("X-Archmirror-Cache") for r in results]
+        self.assertEqual(states[0], "miss", states)
+        self.assertEqual(states.count("miss"), 1, states)
+        rank = {"miss": 0, "joined": 1, "hit": 2}
+        seq = [rank.get(x, -1) for x in states]
+        self.assertEqual(seq, sorted(seq), "labels out of timeline order: %s" % states)
+        self.assertIn("hit", states, "nobody arrived after the commit? %s (upstream body "
+                      "took %.2fs)" % (states, up["t_body_done"] - up["t_headers"]))
 
 if __name__ == "__main__":
     testbase.main()

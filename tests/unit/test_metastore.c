@@ -707,6 +707,37 @@ static void rejects_arguments_out_of_bounds_without_calling_back(void **state)
 #define TINY_MAP ((uint64_t)64 << 10)
 #define BIG_LEN  ((size_t)100 << 10)
 
+static void evicts_the_oldest_manifests_when_the_map_fills(void **state)
+{
+    struct fixture *f = *state;
+    enum { LEN = 8192, N = 200 };
+    char *body = malloc(LEN);
+    struct am_digest d[N];
+    struct am_manifest_rec rec;
+    assert_non_null(body);
+    open_store(f, 512 * 1024); /* room for a few dozen of them */
+    for (int i = 0; i < N; i++) {
+        memset(body, 'a' + i % 26, LEN);
+        snprintf(body, 32, "{\"n\":%d}", i);
+        am_digest_of(AM_DIGEST_SHA256, body, LEN, &d[i]);
+        assert_int_equal(put_manifest_now(f, "docker.io", "library/e", &d[i],
+                                          AM_MT_OCI_MANIFEST_S, body, LEN),
+                         0);
+    }
+    struct am_metastore_stats st;
+    am_metastore_get_stats(f->ms, &st);
+    assert_true(st.evicted > 0);
+    assert_int_equal(st.failed, 0);
+    /* The newest is there, the first went. */
+    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/e", &d[N - 1], &rec), 0);
+    assert_int_equal(rec.len, LEN);
+    am_manifest_rec_cleanup(&rec);
+    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/e", &d[0], &rec),
+                     AM_ENOT_FOUND);
+    free(body);
+    finish(f);
+}
+
 static void reports_a_full_map_and_stays_usable(void **state)
 {
     struct fixture *f = *state;
@@ -1303,6 +1334,7 @@ int main(void)
         T(refuses_puts_and_reads_once_close_has_begun),
         T(rejects_arguments_out_of_bounds_without_calling_back),
         T(reports_a_full_map_and_stays_usable),
+        T(evicts_the_oldest_manifests_when_the_map_fills),
         T(applies_nothing_of_a_batch_that_fails),
         T(refuses_a_read_only_data_directory),
         T(refuses_a_directory_not_even_root_can_write),
