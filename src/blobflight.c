@@ -53,8 +53,24 @@ struct waiter {
     char *buf; /* owned, READ_CHUNK bytes, allocated at the first file read */
 };
 
+/* An internal reader of a small blob (imageinfo's config), not a client. */
+struct small {
+    struct small *next;                 /* in the flight's list while it waits */
+    struct flight *fl;                  /* while waiting for the fetch */
+    struct am_blobstore_reader *reader; /* owned while reading */
+    uv_fs_t req;
+    char *buf;
+    size_t max;
+    int err; /* decided before the read: answered in its callback */
+    bool reading;
+    bool canceled;
+    am_blobflight_small_cb cb;
+    void *arg;
+};
+
 struct flight {
     struct flight *prev, *next;
+    struct small *smalls;
     struct am_blobflights *bf;
     struct am_digest digest;
     struct am_upstream_req *ureq;          /* NULL once done or cancelled */
@@ -276,6 +292,66 @@ static void flight_unlink(struct flight *fl)
     bf->stats.active--;
 }
 
+static void on_small_read(uv_fs_t *req)
+{
+    struct small *sm = req->data;
+    ssize_t n = req->result;
+    uv_fs_req_cleanup(req);
+    if (!sm->canceled) {
+        uint64_t size = am_blobstore_reader_size(sm->reader); /* only cancel drops it */
+        if (sm->err) sm->cb(sm->arg, sm->err, NULL, 0);
+        else if (n < 0 || (uint64_t)n != size) sm->cb(sm->arg, AM_EIO, NULL, 0);
+        else sm->cb(sm->arg, 0, sm->buf, (size_t)n);
+    }
+    am_blobstore_close_reader(sm->reader);
+    free(sm->buf);
+    free(sm);
+}
+
+/* Reads a committed blob for sm; its callback answers. Returns 0 or an error (sm is then
+ * still the caller's). */
+static int small_read(struct am_blobflights *bf, struct small *sm, const struct am_digest *d)
+{
+    int rc = am_blobstore_open(bf->bs, d, &sm->reader);
+    if (rc) return rc;
+    uint64_t size = am_blobstore_reader_size(sm->reader);
+    size_t want = size > sm->max ? 0 : (size_t)size;
+    if (size > sm->max) sm->err = AM_ETOO_LARGE;
+    if (!(sm->buf = malloc(want ? want : 1))) {
+        am_blobstore_close_reader(sm->reader);
+        sm->reader = NULL;
+        return AM_ENOMEM;
+    }
+    uv_buf_t b = uv_buf_init(sm->buf, (unsigned)want);
+    sm->req.data = sm;
+    rc = uv_fs_read(bf->loop, &sm->req, am_blobstore_reader_fd(sm->reader), &b, 1, 0,
+                    on_small_read);
+    if (rc) {
+        am_blobstore_close_reader(sm->reader);
+        sm->reader = NULL;
+        free(sm->buf);
+        sm->buf = NULL;
+        return am_error_from_uv(rc);
+    }
+    sm->reading = true;
+    return 0;
+}
+
+/* The fetch a small reader waited for ended: read the blob, or pass the error on. */
+static void smalls_finish(struct am_blobflights *bf, struct flight *fl, int err)
+{
+    while (fl->smalls) {
+        struct small *sm = fl->smalls;
+        fl->smalls = sm->next;
+        sm->fl = NULL;
+        int rc = err ? err : small_read(bf, sm, &fl->digest);
+        if (rc) {
+            sm->cb(sm->arg, rc, NULL, 0);
+            free(sm);
+        }
+    }
+}
+
 /* Ends a fetch that cannot complete: every waiter's response is aborted (or answered
  * with err if it has not started), the temp file goes, and the next request starts over. */
 static void flight_fail(struct flight *fl, int err)
@@ -290,6 +366,7 @@ static void flight_fail(struct flight *fl, int err)
     bf->stats.failed++;
     flight_unlink(fl);
     while (fl->waiters) waiter_fail(fl->waiters, err, fl->retry_after);
+    smalls_finish(bf, fl, err);
     if (fl->ureq) {
         am_upstream_req_cancel(fl->ureq);
         fl->ureq = NULL;
@@ -319,6 +396,7 @@ static void on_commit(void *arg, int status)
     }
     AM_DEBUG("blob %s: cached (%llu bytes)", fl->digest.str, (unsigned long long)fl->received);
     flight_unlink(fl);
+    smalls_finish(fl->bf, fl, 0);
     /* Verified: every waiter may now finish, reading its remaining bytes from the file. */
     while (fl->waiters) {
         struct waiter *w = fl->waiters;
@@ -566,19 +644,19 @@ static enum am_blobflight_outcome join(struct am_blobflights *bf, struct flight 
     return AM_BLOBFLIGHT_SERVED;
 }
 
-static enum am_blobflight_outcome start_flight(struct am_blobflights *bf,
-                                               struct am_http_exchange *ex,
-                                               struct am_upstream *up, const char *path,
-                                               const char *scope, const struct am_digest *d)
+/* Starts the upstream fetch of d into the store. Returns 0 with *out, AM_EUNAVAILABLE
+ * when the store takes no writer now, or the upstream's error. */
+static int flight_begin(struct am_blobflights *bf, struct am_upstream *up, const char *path,
+                        const char *scope, const struct am_digest *d, struct flight **out)
 {
     struct flight *fl = calloc(1, sizeof *fl);
-    if (!fl) return AM_BLOBFLIGHT_DECLINED;
+    if (!fl) return AM_ENOMEM;
     fl->bf = bf;
     fl->digest = *d;
     fl->size = -1;
     if (am_blobstore_begin(bf->bs, d, -1, &fl->writer) != 0) {
         free(fl);
-        return AM_BLOBFLIGHT_DECLINED;
+        return AM_EUNAVAILABLE;
     }
     am_blobstore_writer_set_on_written(fl->writer, on_written, fl);
     struct am_upstream_request_opts o = {.method = "GET", .path = path, .scope = scope};
@@ -586,15 +664,30 @@ static enum am_blobflight_outcome start_flight(struct am_blobflights *bf,
     if (rc) {
         am_blobstore_writer_abort(fl->writer);
         free(fl);
-        struct am_http_header h[] = {hdr("Docker-Distribution-API-Version", "registry/2.0")};
-        am_http_respond_error(ex, rc, NULL, NULL, h, 1);
-        return AM_BLOBFLIGHT_SERVED;
+        return rc;
     }
     fl->next = bf->flights;
     if (bf->flights) bf->flights->prev = fl;
     bf->flights = fl;
     bf->stats.flights++;
     bf->stats.active++;
+    *out = fl;
+    return 0;
+}
+
+static enum am_blobflight_outcome start_flight(struct am_blobflights *bf,
+                                               struct am_http_exchange *ex,
+                                               struct am_upstream *up, const char *path,
+                                               const char *scope, const struct am_digest *d)
+{
+    struct flight *fl;
+    int rc = flight_begin(bf, up, path, scope, d, &fl);
+    if (rc == AM_EUNAVAILABLE || rc == AM_ENOMEM) return AM_BLOBFLIGHT_DECLINED;
+    if (rc) {
+        struct am_http_header h[] = {hdr("Docker-Distribution-API-Version", "registry/2.0")};
+        am_http_respond_error(ex, rc, NULL, NULL, h, 1);
+        return AM_BLOBFLIGHT_SERVED;
+    }
     am_metrics_count_cache(true, false);
 
     struct waiter *w = waiter_new(bf, ex, d);
@@ -646,4 +739,54 @@ void am_blobflights_free(struct am_blobflights *bf)
 void am_blobflights_get_stats(const struct am_blobflights *bf, struct am_blobflight_stats *out)
 {
     *out = bf->stats;
+}
+
+int am_blobflights_fetch_small(struct am_blobflights *bf, struct am_upstream *up,
+                               const char *path, const char *scope,
+                               const struct am_digest *digest, size_t max,
+                               am_blobflight_small_cb cb, void *arg, void **handle)
+{
+    struct small *sm = calloc(1, sizeof *sm);
+    if (!sm) return AM_ENOMEM;
+    sm->max = max;
+    sm->cb = cb;
+    sm->arg = arg;
+    if (small_read(bf, sm, digest) == 0) {
+        *handle = sm;
+        return 0;
+    }
+    struct flight *fl = flight_find(bf, digest);
+    if (!fl) {
+        int rc = flight_begin(bf, up, path, scope, digest, &fl);
+        if (rc) {
+            free(sm);
+            return rc;
+        }
+    }
+    sm->fl = fl;
+    sm->next = fl->smalls;
+    fl->smalls = sm;
+    *handle = sm;
+    return 0;
+}
+
+void am_blobflights_cancel_small(struct am_blobflights *bf, void *handle)
+{
+    struct small *sm = handle;
+    (void)bf;
+    if (!sm) return;
+    if (sm->reading) {
+        /* The read finishes on the thread pool and frees sm; its reader is released
+         * now, so a closing store never waits for it. */
+        sm->canceled = true;
+        am_blobstore_close_reader(sm->reader);
+        sm->reader = NULL;
+        return;
+    }
+    if (sm->fl) {
+        struct small **pp = &sm->fl->smalls;
+        while (*pp && *pp != sm) pp = &(*pp)->next;
+        if (*pp) *pp = sm->next;
+    }
+    free(sm);
 }

@@ -205,6 +205,7 @@ struct cfetch {
     struct cfetch *prev, *next; /* ii->fetches */
     struct am_imageinfo *ii;
     struct am_upstream_req *ureq; /* NULL once finished or cancelled */
+    void *bhandle;                /* the blob source's fetch, or NULL */
     struct am_imageinfo_waiter *waiters;
     size_t up_idx;
     char repo[AM_NAME_MAX + 1];
@@ -223,6 +224,9 @@ struct cfetch {
 
 struct am_imageinfo {
     uv_loop_t *loop;
+    am_imageinfo_blob_fetch_fn blob_fetch; /* NULL: config blobs straight from upstream */
+    am_imageinfo_blob_cancel_fn blob_cancel;
+    void *blob_ctx;
     const struct am_config *cfg;
     struct am_metastore *ms;
     struct am_manifests *mf;
@@ -515,6 +519,15 @@ static void cf_table_unlink(struct cfetch *cf)
     cf->in_table = false;
 }
 
+/* Stops whatever is fetching cf's config (upstream request or blob source). */
+static void cf_stop(struct cfetch *cf)
+{
+    if (cf->ureq) am_upstream_req_cancel(cf->ureq);
+    cf->ureq = NULL;
+    if (cf->bhandle) cf->ii->blob_cancel(cf->ii->blob_ctx, cf->bhandle);
+    cf->bhandle = NULL;
+}
+
 static void cf_free(struct cfetch *cf)
 {
     cf_table_unlink(cf);
@@ -529,9 +542,8 @@ static void cf_deliver(struct cfetch *cf, int err, const char *message,
                        const struct am_platform *p)
 {
     struct am_imageinfo *ii = cf->ii;
-    if (cf->ureq) {
-        am_upstream_req_cancel(cf->ureq);
-        cf->ureq = NULL;
+    if (cf->ureq || cf->bhandle) {
+        cf_stop(cf);
     }
     cf_table_unlink(cf);
     cf->delivering = true;
@@ -598,6 +610,24 @@ static int error_for_status(int status)
     }
 }
 
+static void cf_finish_bytes(struct cfetch *cf, const char *bytes, size_t len);
+
+static void on_cf_blob(void *arg, int err, const char *bytes, size_t len)
+{
+    struct cfetch *cf = arg;
+    cf->bhandle = NULL;
+    if (err) {
+        char msg[AM_DIGEST_STR_MAX + 64];
+        snprintf(msg, sizeof msg, "fetching image config %s: %s", cf->config.str,
+                 am_error_message(err));
+        if (err != AM_ECANCELED)
+            AM_WARN("%s imageinfo: upstream %s: %s", cf->ctx, up_name(cf->ii, cf->up_idx), msg);
+        cf_deliver(cf, err, msg, NULL);
+        return;
+    }
+    cf_finish_bytes(cf, bytes, len);
+}
+
 static void on_cf_done(void *arg, int err)
 {
     struct cfetch *cf = arg;
@@ -620,9 +650,16 @@ static void on_cf_done(void *arg, int err)
         cf_deliver(cf, error_for_status(cf->status), msg, NULL);
         return;
     }
+    cf_finish_bytes(cf, cf->body.data ? cf->body.data : "", cf->body.len);
+}
+
+/* The config's bytes arrived (upstream or blob source): verify, parse, store, deliver. */
+static void cf_finish_bytes(struct cfetch *cf, const char *bytes, size_t len)
+{
+    struct am_imageinfo *ii = cf->ii;
+    char msg[2 * AM_DIGEST_STR_MAX + 64];
     struct am_digest got;
-    const char *bytes = cf->body.data ? cf->body.data : "";
-    am_digest_of(cf->config.alg, bytes, cf->body.len, &got);
+    am_digest_of(cf->config.alg, bytes, len, &got);
     if (!am_digest_equal(&got, &cf->config)) {
         snprintf(msg, sizeof msg, "image config %s hashes to %s", cf->config.str, got.str);
         AM_ERROR("%s imageinfo: upstream %s: %s (%s); not cached", cf->ctx,
@@ -632,7 +669,7 @@ static void on_cf_done(void *arg, int err)
     }
     struct am_platform p;
     char why2[160];
-    int rc = am_platform_from_config_json(bytes, cf->body.len, &p, NULL, why2, sizeof why2);
+    int rc = am_platform_from_config_json(bytes, len, &p, NULL, why2, sizeof why2);
     if (rc) {
         snprintf(msg, sizeof msg, "%s", rc == AM_ENOMEM ? am_error_message(rc) : why2);
         AM_INFO("%s imageinfo: config %s of %s: %s", cf->ctx, cf->config.str, cf->repo, msg);
@@ -692,7 +729,12 @@ static void wait_for_config(struct am_imageinfo_waiter *w, const struct am_descr
     snprintf(scope, sizeof scope, "repository:%s:pull", w->repo);
     struct am_upstream_request_opts o = {.method = "GET", .path = path, .scope = scope};
     ii->stats.config_fetches++;
-    int rc = am_upstream_request(ii->ups[w->up_idx], &o, &cf_cbs, cf, &cf->ureq);
+    /* Through the blob cache when there is one: the node pulling this image asks for the
+     * same config a moment later, and one upstream fetch serves both. */
+    int rc = ii->blob_fetch
+                 ? ii->blob_fetch(ii->blob_ctx, w->up_idx, w->repo, &config->digest,
+                                  AM_IMAGEINFO_CONFIG_MAX, on_cf_blob, cf, &cf->bhandle)
+                 : am_upstream_request(ii->ups[w->up_idx], &o, &cf_cbs, cf, &cf->ureq);
     if (rc) {
         AM_WARN("%s imageinfo: upstream %s GET %s: %s", w->ctx, up_name(ii, w->up_idx), path,
                 am_error_message(rc));
@@ -817,8 +859,7 @@ void am_imageinfo_cancel(struct am_imageinfo_waiter *w)
     if (cf) {
         cf_unlink_waiter(cf, w);
         if (!cf->waiters && !cf->delivering) {
-            if (cf->ureq) am_upstream_req_cancel(cf->ureq);
-            cf->ureq = NULL;
+            cf_stop(cf);
             cf_free(cf);
         }
     }
@@ -978,4 +1019,12 @@ void am_imageinfo_free(struct am_imageinfo *ii)
 void am_imageinfo_get_stats(const struct am_imageinfo *ii, struct am_imageinfo_stats *out)
 {
     *out = ii->stats;
+}
+
+void am_imageinfo_set_blob_source(struct am_imageinfo *ii, am_imageinfo_blob_fetch_fn fetch,
+                                  am_imageinfo_blob_cancel_fn cancel, void *ctx)
+{
+    ii->blob_fetch = fetch;
+    ii->blob_cancel = cancel;
+    ii->blob_ctx = ctx;
 }

@@ -859,6 +859,25 @@ void am_registry_handle(void *ctx, struct am_http_exchange *ex)
     handle_manifest(reg, ex, req, &rt, up_idx, repo, accept);
 }
 
+/* imageinfo's blob source: configs come through the blob cache's single fetch. */
+static int blob_source_fetch(void *ctx, size_t up_idx, const char *repo,
+                             const struct am_digest *digest, size_t max,
+                             am_imageinfo_blob_cb cb, void *arg, void **handle)
+{
+    struct am_registry *reg = ctx;
+    char path[AM_NAME_MAX + AM_DIGEST_STR_MAX + 32], scope[AM_NAME_MAX + 32];
+    snprintf(path, sizeof path, "/v2/%s/blobs/%s", repo, digest->str);
+    snprintf(scope, sizeof scope, "repository:%s:pull", repo);
+    return am_blobflights_fetch_small(reg->bf, reg->ups[up_idx], path, scope, digest, max, cb,
+                                      arg, handle);
+}
+
+static void blob_source_cancel(void *ctx, void *handle)
+{
+    struct am_registry *reg = ctx;
+    am_blobflights_cancel_small(reg->bf, handle);
+}
+
 int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_metastore *ms,
                     struct am_blobstore *bs, struct am_pulllog *pl, struct am_registry **out,
                     char *msg, size_t msglen)
@@ -881,6 +900,7 @@ int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_meta
         am_registry_free(reg);
         return AM_ENOMEM;
     }
+    if (reg->bf) am_imageinfo_set_blob_source(reg->ii, blob_source_fetch, blob_source_cancel, reg);
     struct am_upstream_opts o = {
         .connect_timeout_ms = cfg->upstream_connect_timeout_ms,
         .header_timeout_ms = cfg->upstream_header_timeout_ms,
@@ -904,16 +924,17 @@ int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_meta
 void am_registry_free(struct am_registry *reg)
 {
     if (!reg) return;
-    am_blobflights_free(reg->bf); /* cancels fetches before their upstreams go */
     if (reg->admin_token) {
         explicit_bzero(reg->admin_token, strlen(reg->admin_token));
         free(reg->admin_token);
     }
     if (reg->api) am_platformapi_free(reg->api);
-    /* Before the manifests and upstreams it uses, and before the pull tracker, whose
-     * deferred records it answers with AM_ECANCELED. */
+    /* imageinfo first: it answers the pull tracker's deferred records with AM_ECANCELED
+     * and cancels its config reads from the blob flights; then the flights, then the
+     * manifests and the upstreams they all use. */
     am_imageinfo_free(reg->ii);
     am_pulltrack_free(reg->pt);
+    am_blobflights_free(reg->bf);
     am_manifests_free(reg->mf);
     for (size_t i = 0; i < reg->n_ups; i++) am_upstream_free(reg->ups[i]);
     free(reg);

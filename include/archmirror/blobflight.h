@@ -50,6 +50,19 @@ enum am_blobflight_outcome am_blobflights_serve(struct am_blobflights *bf,
                                                 const char *scope,
                                                 const struct am_digest *digest);
 
+/* Reads a small blob (at most max bytes) for an internal consumer (imageinfo's config
+ * read): from the store, or by joining or starting the same single fetch that clients
+ * share. cb(arg, 0, bytes, len) gets the committed (verified) bytes, a view valid during
+ * the call, or cb(arg, err, NULL, 0); it never runs inside this call. Returns 0 with
+ * *handle for am_blobflights_cancel_small, or an error (cb will not run). */
+typedef void (*am_blobflight_small_cb)(void *arg, int err, const char *bytes, size_t len);
+int am_blobflights_fetch_small(struct am_blobflights *bf, struct am_upstream *up,
+                               const char *path, const char *scope,
+                               const struct am_digest *digest, size_t max,
+                               am_blobflight_small_cb cb, void *arg, void **handle);
+/* cb will not run for handle. */
+void am_blobflights_cancel_small(struct am_blobflights *bf, void *handle);
+
 struct am_blobflight_stats {
     uint64_t flights;  /* upstream fetches started */
     uint64_t joined;   /* clients that joined a fetch in progress */

@@ -143,6 +143,21 @@ int am_imageinfo_child_platform(struct am_imageinfo *ii, size_t up_idx, const ch
                                 const struct am_digest *child_digest,
                                 struct am_platform *platform, struct am_digest *index);
 
+/* A source of small blobs (configs) other than a plain upstream GET: the registry plugs
+ * in the blob cache, so the config that imageinfo reads and the one the pulling node
+ * fetches are one upstream fetch. fetch returns 0 and later calls cb(arg, 0, bytes, len)
+ * with verified bytes (a view valid during the call) or cb(arg, err, NULL, 0) — never
+ * inside fetch — and sets *handle for cancel; after cancel(ctx, handle) cb does not run.
+ * A non-zero return means cb will not run. */
+typedef void (*am_imageinfo_blob_cb)(void *arg, int err, const char *bytes, size_t len);
+typedef int (*am_imageinfo_blob_fetch_fn)(void *ctx, size_t up_idx, const char *repo,
+                                          const struct am_digest *digest, size_t max,
+                                          am_imageinfo_blob_cb cb, void *arg, void **handle);
+typedef void (*am_imageinfo_blob_cancel_fn)(void *ctx, void *handle);
+/* ctx is kept. Set before the first query. */
+void am_imageinfo_set_blob_source(struct am_imageinfo *ii, am_imageinfo_blob_fetch_fn fetch,
+                                  am_imageinfo_blob_cancel_fn cancel, void *ctx);
+
 /* Counters for tests and diagnostics. */
 struct am_imageinfo_stats {
     uint64_t queries;          /* am_imageinfo_get calls accepted */
