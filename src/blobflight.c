@@ -24,9 +24,9 @@
 #include "archmirror/log.h"
 #include "archmirror/metrics.h"
 
-#define READ_CHUNK (256u * 1024)
-#define HIGH_WATER (1u << 20)
-#define DISK_LAG_MAX (16u << 20)
+#define READ_CHUNK      (256u * 1024)
+#define HIGH_WATER      (1u << 20)
+#define DISK_LAG_MAX    (16u << 20)
 #define DISK_LAG_RESUME (4u << 20)
 
 struct flight;
@@ -46,8 +46,8 @@ struct waiter {
     bool reading; /* req is in flight; the waiter is freed in its callback */
     bool dead;    /* ended while reading */
     bool head_sent;
-    bool joined;  /* came into a fetch someone else started */
-    int status;   /* 200 or 206 */
+    bool joined; /* came into a fetch someone else started */
+    int status;  /* 200 or 206 */
     struct am_digest digest;
     uv_fs_t req;
     char *buf; /* owned, READ_CHUNK bytes, allocated at the first file read */
@@ -73,8 +73,8 @@ struct flight {
     struct small *smalls;
     struct am_blobflights *bf;
     struct am_digest digest;
-    struct am_upstream_req *ureq;          /* NULL once done or cancelled */
-    struct am_blobstore_writer *writer;    /* NULL once committed or aborted */
+    struct am_upstream_req *ureq;       /* NULL once done or cancelled */
+    struct am_blobstore_writer *writer; /* NULL once committed or aborted */
     struct waiter *waiters;
     bool got_head;
     int status;
@@ -106,8 +106,10 @@ static void waiter_detach(struct waiter *w)
 {
     struct flight *fl = w->fl;
     if (!fl) return;
-    if (w->prev) w->prev->next = w->next;
-    else fl->waiters = w->next;
+    if (w->prev)
+        w->prev->next = w->next;
+    else
+        fl->waiters = w->next;
     if (w->next) w->next->prev = w->prev;
     w->prev = w->next = NULL;
     w->fl = NULL;
@@ -157,7 +159,10 @@ static void on_waiter_gone(void *arg)
 }
 
 static void waiter_pump(struct waiter *w);
-static void on_waiter_drain(void *arg) { waiter_pump(arg); }
+static void on_waiter_drain(void *arg)
+{
+    waiter_pump(arg);
+}
 
 static struct waiter *waiter_new(struct am_blobflights *bf, struct am_http_exchange *ex,
                                  const struct am_digest *digest)
@@ -285,8 +290,10 @@ static struct flight *flight_find(struct am_blobflights *bf, const struct am_dig
 static void flight_unlink(struct flight *fl)
 {
     struct am_blobflights *bf = fl->bf;
-    if (fl->prev) fl->prev->next = fl->next;
-    else if (bf->flights == fl) bf->flights = fl->next;
+    if (fl->prev)
+        fl->prev->next = fl->next;
+    else if (bf->flights == fl)
+        bf->flights = fl->next;
     if (fl->next) fl->next->prev = fl->prev;
     fl->prev = fl->next = NULL;
     bf->stats.active--;
@@ -299,9 +306,12 @@ static void on_small_read(uv_fs_t *req)
     uv_fs_req_cleanup(req);
     if (!sm->canceled) {
         uint64_t size = am_blobstore_reader_size(sm->reader); /* only cancel drops it */
-        if (sm->err) sm->cb(sm->arg, sm->err, NULL, 0);
-        else if (n < 0 || (uint64_t)n != size) sm->cb(sm->arg, AM_EIO, NULL, 0);
-        else sm->cb(sm->arg, 0, sm->buf, (size_t)n);
+        if (sm->err)
+            sm->cb(sm->arg, sm->err, NULL, 0);
+        else if (n < 0 || (uint64_t)n != size)
+            sm->cb(sm->arg, AM_EIO, NULL, 0);
+        else
+            sm->cb(sm->arg, 0, sm->buf, (size_t)n);
     }
     am_blobstore_close_reader(sm->reader);
     free(sm->buf);
@@ -324,8 +334,8 @@ static int small_read(struct am_blobflights *bf, struct small *sm, const struct 
     }
     uv_buf_t b = uv_buf_init(sm->buf, (unsigned)want);
     sm->req.data = sm;
-    rc = uv_fs_read(bf->loop, &sm->req, am_blobstore_reader_fd(sm->reader), &b, 1, 0,
-                    on_small_read);
+    rc =
+        uv_fs_read(bf->loop, &sm->req, am_blobstore_reader_fd(sm->reader), &b, 1, 0, on_small_read);
     if (rc) {
         am_blobstore_close_reader(sm->reader);
         sm->reader = NULL;
@@ -449,8 +459,8 @@ static void on_up_head(void *arg, const struct am_upstream_response *r)
     fl->size = r->content_length;
     const struct am_http_header *h = am_http_header_find(r->headers, r->n_headers, "retry-after");
     if (h) {
-        size_t n = h->value_len < sizeof fl->retry_after - 1 ? h->value_len
-                                                              : sizeof fl->retry_after - 1;
+        size_t n =
+            h->value_len < sizeof fl->retry_after - 1 ? h->value_len : sizeof fl->retry_after - 1;
         memcpy(fl->retry_after, h->value, n);
         fl->retry_after[n] = '\0';
     }
@@ -460,8 +470,10 @@ static void on_up_head(void *arg, const struct am_upstream_response *r)
         next = w->next;
         w->end = w->size = (uint64_t)r->content_length;
         w->live = true;
-        if (waiter_send_head(w, w->end, w->joined ? "joined" : "miss") == 0) w->head_sent = true;
-        else waiter_free(w);
+        if (waiter_send_head(w, w->end, w->joined ? "joined" : "miss") == 0)
+            w->head_sent = true;
+        else
+            waiter_free(w);
     }
 }
 
@@ -559,8 +571,7 @@ static int apply_range(struct waiter *w, const char *range, size_t rlen, uint64_
     return 0;
 }
 
-static enum am_blobflight_outcome serve_hit(struct am_blobflights *bf,
-                                            struct am_http_exchange *ex,
+static enum am_blobflight_outcome serve_hit(struct am_blobflights *bf, struct am_http_exchange *ex,
                                             struct am_blobstore_reader *reader,
                                             const struct am_digest *digest)
 {
@@ -611,8 +622,7 @@ static enum am_blobflight_outcome join(struct am_blobflights *bf, struct flight 
         return AM_BLOBFLIGHT_SERVED;
     }
     /* A range far ahead of the fetch is better asked of the upstream directly. */
-    if (range && probe.status == 206 && probe.pos > fl->received)
-        return AM_BLOBFLIGHT_DECLINED;
+    if (range && probe.status == 206 && probe.pos > fl->received) return AM_BLOBFLIGHT_DECLINED;
 
     struct waiter *w = waiter_new(bf, ex, &fl->digest);
     if (!w) {
@@ -676,9 +686,9 @@ static int flight_begin(struct am_blobflights *bf, struct am_upstream *up, const
 }
 
 static enum am_blobflight_outcome start_flight(struct am_blobflights *bf,
-                                               struct am_http_exchange *ex,
-                                               struct am_upstream *up, const char *path,
-                                               const char *scope, const struct am_digest *d)
+                                               struct am_http_exchange *ex, struct am_upstream *up,
+                                               const char *path, const char *scope,
+                                               const struct am_digest *d)
 {
     struct flight *fl;
     int rc = flight_begin(bf, up, path, scope, d, &fl);
@@ -701,15 +711,13 @@ static enum am_blobflight_outcome start_flight(struct am_blobflights *bf,
 }
 
 enum am_blobflight_outcome am_blobflights_serve(struct am_blobflights *bf,
-                                                struct am_http_exchange *ex,
-                                                struct am_upstream *up, const char *path,
-                                                const char *scope,
+                                                struct am_http_exchange *ex, struct am_upstream *up,
+                                                const char *path, const char *scope,
                                                 const struct am_digest *digest)
 {
     const struct am_http_request *req = am_http_request_of(ex);
     struct am_blobstore_reader *reader;
-    if (am_blobstore_open(bf->bs, digest, &reader) == 0)
-        return serve_hit(bf, ex, reader, digest);
+    if (am_blobstore_open(bf->bs, digest, &reader) == 0) return serve_hit(bf, ex, reader, digest);
 
     struct flight *fl = flight_find(bf, digest);
     if (fl) return join(bf, fl, ex);
@@ -741,9 +749,8 @@ void am_blobflights_get_stats(const struct am_blobflights *bf, struct am_blobfli
     *out = bf->stats;
 }
 
-int am_blobflights_fetch_small(struct am_blobflights *bf, struct am_upstream *up,
-                               const char *path, const char *scope,
-                               const struct am_digest *digest, size_t max,
+int am_blobflights_fetch_small(struct am_blobflights *bf, struct am_upstream *up, const char *path,
+                               const char *scope, const struct am_digest *digest, size_t max,
                                am_blobflight_small_cb cb, void *arg, void **handle)
 {
     struct small *sm = calloc(1, sizeof *sm);

@@ -57,7 +57,10 @@ int am_buf_append(struct am_buf *b, const void *p, size_t n)
     return 0;
 }
 
-int am_buf_append_str(struct am_buf *b, const char *s) { return am_buf_append(b, s, strlen(s)); }
+int am_buf_append_str(struct am_buf *b, const char *s)
+{
+    return am_buf_append(b, s, strlen(s));
+}
 
 int am_buf_vappendf(struct am_buf *b, const char *fmt, va_list ap)
 {

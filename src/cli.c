@@ -15,8 +15,8 @@
 #include "archmirror/http.h"
 
 #define EXIT_MISSING 1
-#define EXIT_USAGE 2
-#define EXIT_SERVER 3
+#define EXIT_USAGE   2
+#define EXIT_SERVER  3
 #define MAX_RESPONSE (64u << 20)
 
 static const char usage[] =
@@ -41,8 +41,10 @@ int am_cli_is_command(int argc, char **argv)
 static int parse_server(const char *url, char *host, size_t hl, char *port, size_t pl)
 {
     const char *p = url;
-    if (strncmp(p, "http://", 7) == 0) p += 7;
-    else if (strstr(p, "://")) return -1; /* https would need TLS: not for a local admin API */
+    if (strncmp(p, "http://", 7) == 0)
+        p += 7;
+    else if (strstr(p, "://"))
+        return -1; /* https would need TLS: not for a local admin API */
     const char *colon = strrchr(p, ':');
     const char *slash = strchr(p, '/');
     size_t n = colon ? (size_t)(colon - p) : slash ? (size_t)(slash - p) : strlen(p);
@@ -53,14 +55,15 @@ static int parse_server(const char *url, char *host, size_t hl, char *port, size
         memmove(host, host + 1, n - 2);
         host[n - 2] = '\0';
     }
-    snprintf(port, pl, "%.*s", colon ? (int)strcspn(colon + 1, "/") : 4, colon ? colon + 1 : "5000");
+    snprintf(port, pl, "%.*s", colon ? (int)strcspn(colon + 1, "/") : 4,
+             colon ? colon + 1 : "5000");
     return 0;
 }
 
 /* One HTTP/1.1 exchange with Connection: close. Returns the status (and the body in
  * out), or -1 with a reason printed. */
-static int http_call(const char *server, const char *method, const char *target,
-                     const char *body, const char *token, struct am_buf *out)
+static int http_call(const char *server, const char *method, const char *target, const char *body,
+                     const char *token, struct am_buf *out)
 {
     char host[256], port[16];
     if (parse_server(server, host, sizeof host, port, sizeof port)) {
@@ -93,15 +96,17 @@ static int http_call(const char *server, const char *method, const char *target,
                         "Accept: application/json\r\nConnection: close\r\n",
                         method, target, host, port);
     if (!rc && body)
-        rc = am_buf_appendf(&req, "Content-Type: application/json\r\nContent-Length: %zu\r\n",
-                            blen);
+        rc =
+            am_buf_appendf(&req, "Content-Type: application/json\r\nContent-Length: %zu\r\n", blen);
     if (!rc && token) rc = am_buf_appendf(&req, "Authorization: Bearer %s\r\n", token);
     if (!rc) rc = am_buf_append_str(&req, "\r\n");
     if (!rc && body) rc = am_buf_append(&req, body, blen);
     for (size_t off = 0; !rc && off < req.len;) {
         ssize_t w = write(fd, req.data + off, req.len - off);
-        if (w <= 0) rc = -1;
-        else off += (size_t)w;
+        if (w <= 0)
+            rc = -1;
+        else
+            off += (size_t)w;
     }
     explicit_bzero(req.data, req.len);
     am_buf_cleanup(&req);
@@ -109,7 +114,8 @@ static int http_call(const char *server, const char *method, const char *target,
     am_buf_init(&resp, MAX_RESPONSE);
     char chunk[65536];
     ssize_t r;
-    while (!rc && (r = read(fd, chunk, sizeof chunk)) > 0) rc = am_buf_append(&resp, chunk, (size_t)r);
+    while (!rc && (r = read(fd, chunk, sizeof chunk)) > 0)
+        rc = am_buf_append(&resp, chunk, (size_t)r);
     close(fd);
     int status = -1;
     char *sep = resp.data ? strstr(resp.data, "\r\n\r\n") : NULL;
@@ -162,8 +168,8 @@ static bool print_result(json_t *r, json_t *missing_for)
     platforms_text(json_object_get(r, "platforms"), plats, sizeof plats);
     char miss[256] = "";
     if (missing_for) platforms_text(missing_for, miss, sizeof miss);
-    printf("%-60s  %-5s  %-40s  %s\n", image, json_is_true(json_object_get(r, "multiArch")) ? "yes" : "no",
-           plats, miss);
+    printf("%-60s  %-5s  %-40s  %s\n", image,
+           json_is_true(json_object_get(r, "multiArch")) ? "yes" : "no", plats, miss);
     return false;
 }
 
@@ -201,12 +207,10 @@ int am_cli_main(int argc, char **argv)
     const char *server = "http://127.0.0.1:5000";
     char token[512] = "";
     json_t *require = json_array(), *images = json_array();
-    static const struct option opts[] = {{"server", required_argument, NULL, 's'},
-                                         {"require", required_argument, NULL, 'r'},
-                                         {"json", no_argument, NULL, 'j'},
-                                         {"token-file", required_argument, NULL, 't'},
-                                         {"help", no_argument, NULL, 'h'},
-                                         {NULL, 0, NULL, 0}};
+    static const struct option opts[] = {
+        {"server", required_argument, NULL, 's'}, {"require", required_argument, NULL, 'r'},
+        {"json", no_argument, NULL, 'j'},         {"token-file", required_argument, NULL, 't'},
+        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0}};
     int c, status = EXIT_USAGE;
     optind = 2;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -225,7 +229,10 @@ int am_cli_main(int argc, char **argv)
             token[strcspn(token, "\r\n")] = '\0';
             break;
         }
-        case 'h': fputs(usage, stdout); status = 0; goto done;
+        case 'h':
+            fputs(usage, stdout);
+            status = 0;
+            goto done;
         default: fputs(usage, stderr); goto done;
         }
     }
@@ -268,8 +275,7 @@ int am_cli_main(int argc, char **argv)
         for (size_t i = 0; i < json_array_size(results); i++)
             errors |= json_object_get(json_array_get(results, i), "error") != NULL;
     } else {
-        printf("%-60s  %-5s  %-40s  %s\n", "IMAGE", "MULTI", "PLATFORMS",
-               audit ? "MISSING" : "");
+        printf("%-60s  %-5s  %-40s  %s\n", "IMAGE", "MULTI", "PLATFORMS", audit ? "MISSING" : "");
         for (size_t i = 0; i < json_array_size(results); i++) {
             json_t *r = json_array_get(results, i);
             errors |= print_result(r, missing_of(missing, str(r, "image")));

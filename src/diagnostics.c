@@ -105,11 +105,11 @@ static json_t *platform_array(const struct am_platform *p, size_t n)
 char *am_diagnostics_body(const char *image, const struct am_platform *node, size_t n_node,
                           const struct am_platform *has, size_t n_has, const char *reason)
 {
-    json_t *detail = json_pack("{s:s, s:o, s:o}", "image", image, "requested",
-                               platform_array(node, n_node), "available",
-                               platform_array(has, n_has));
-    json_t *doc = detail ? json_pack("{s:[{s:s, s:s, s:o}]}", "errors", "code", "DENIED",
-                                     "message", reason, "detail", detail)
+    json_t *detail =
+        json_pack("{s:s, s:o, s:o}", "image", image, "requested", platform_array(node, n_node),
+                  "available", platform_array(has, n_has));
+    json_t *doc = detail ? json_pack("{s:[{s:s, s:s, s:o}]}", "errors", "code", "DENIED", "message",
+                                     reason, "detail", detail)
                          : NULL;
     char *text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
     json_decref(doc);

@@ -28,10 +28,22 @@ static const struct entry *lookup(int err)
     return &table[idx];
 }
 
-const char *am_error_name(int err) { return err == 0 ? "OK" : lookup(err)->name; }
-const char *am_error_message(int err) { return err == 0 ? "ok" : lookup(err)->message; }
-int am_error_http_status(int err) { return err == 0 ? 200 : lookup(err)->status; }
-const char *am_error_oci_code(int err) { return lookup(err)->code; }
+const char *am_error_name(int err)
+{
+    return err == 0 ? "OK" : lookup(err)->name;
+}
+const char *am_error_message(int err)
+{
+    return err == 0 ? "ok" : lookup(err)->message;
+}
+int am_error_http_status(int err)
+{
+    return err == 0 ? 200 : lookup(err)->status;
+}
+const char *am_error_oci_code(int err)
+{
+    return lookup(err)->code;
+}
 
 int am_error_format_json(int err, const char *message, struct am_buf *out)
 {

@@ -104,8 +104,7 @@ static bool read_u64(const char *s, size_t len, size_t *i, uint64_t *out)
     return true;
 }
 
-int am_http_parse_range(const char *s, size_t len, uint64_t size, uint64_t *start,
-                        uint64_t *end)
+int am_http_parse_range(const char *s, size_t len, uint64_t size, uint64_t *start, uint64_t *end)
 {
     size_t i = 0;
     while (len && (s[len - 1] == ' ' || s[len - 1] == '\t')) len--;

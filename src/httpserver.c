@@ -42,9 +42,9 @@
 #include "archmirror/error.h"
 #include "archmirror/log.h"
 
-#define RBUF_SIZE                (16 * 1024)   /* per-connection read buffer */
+#define RBUF_SIZE                (16 * 1024)            /* per-connection read buffer */
 #define MAX_BODY                 AM_HTTPSERVER_MAX_BODY /* request bodies are kept up to this */
-#define BBUF_KEEP                (64 * 1024)   /* a body buffer larger than this is freed after use */
+#define BBUF_KEEP                (64 * 1024) /* a body buffer larger than this is freed after use */
 #define OBUF_MAX                 (1024 * 1024) /* response head */
 #define EBUF_MAX                 (64 * 1024)   /* OCI error body */
 #define OUT_HIGH                 (1024 * 1024) /* queued response bytes that stop parsing */

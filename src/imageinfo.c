@@ -31,13 +31,13 @@
 #include "archmirror/platform.h"
 #include "archmirror/reference.h"
 
-#define KEY_MAX (24 + AM_NAME_MAX + AM_DIGEST_STR_MAX + 4)
+#define KEY_MAX     (24 + AM_NAME_MAX + AM_DIGEST_STR_MAX + 4)
 #define NEED_CONFIG 1 /* derive's "ask the upstream for the config blob" */
 
 /* --- LRU ------------------------------------------------------------------------------ */
 
 struct lru_node {
-    struct lru_node *hnext;      /* hash chain */
+    struct lru_node *hnext;       /* hash chain */
     struct lru_node *prev, *next; /* recency: head is the most recent */
     uint32_t hash;
     void *value; /* owned: free() */
@@ -76,10 +76,14 @@ static int lru_init(struct lru *l, size_t max)
 
 static void lru_unlink_recency(struct lru *l, struct lru_node *n)
 {
-    if (n->prev) n->prev->next = n->next;
-    else l->head = n->next;
-    if (n->next) n->next->prev = n->prev;
-    else l->tail = n->prev;
+    if (n->prev)
+        n->prev->next = n->next;
+    else
+        l->head = n->next;
+    if (n->next)
+        n->next->prev = n->prev;
+    else
+        l->tail = n->prev;
     n->prev = n->next = NULL;
 }
 
@@ -183,7 +187,7 @@ struct cfetch;
 struct am_imageinfo_waiter {
     struct am_imageinfo *ii;
     struct am_imageinfo_waiter *prev, *next;       /* ii->waiters */
-    struct cfetch *cf;                              /* waiting for this config fetch */
+    struct cfetch *cf;                             /* waiting for this config fetch */
     struct am_imageinfo_waiter *cf_prev, *cf_next; /* cf->waiters */
     struct am_manifests_waiter *mw;                /* waiting for the manifest */
     am_imageinfo_cb cb;
@@ -260,9 +264,8 @@ static size_t make_key(char *out, size_t up_idx, const char *repo, const struct 
 static bool args_ok(const struct am_imageinfo *ii, size_t up_idx, const char *repo,
                     const struct am_digest *d)
 {
-    return ii && up_idx < ii->cfg->n_upstreams && repo && repo[0] &&
-           strlen(repo) <= AM_NAME_MAX && !strchr(repo, '\n') && d && d->str[0] &&
-           strnlen(d->str, sizeof d->str) < sizeof d->str;
+    return ii && up_idx < ii->cfg->n_upstreams && repo && repo[0] && strlen(repo) <= AM_NAME_MAX &&
+           !strchr(repo, '\n') && d && d->str[0] && strnlen(d->str, sizeof d->str) < sizeof d->str;
 }
 
 /* --- the caches ------------------------------------------------------------------------ */
@@ -472,8 +475,10 @@ static int derive(struct am_imageinfo *ii, size_t up_idx, const char *repo, cons
 static void waiter_unlink(struct am_imageinfo_waiter *w)
 {
     struct am_imageinfo *ii = w->ii;
-    if (w->prev) w->prev->next = w->next;
-    else if (ii->waiters == w) ii->waiters = w->next;
+    if (w->prev)
+        w->prev->next = w->next;
+    else if (ii->waiters == w)
+        ii->waiters = w->next;
     if (w->next) w->next->prev = w->prev;
     w->prev = w->next = NULL;
 }
@@ -501,8 +506,10 @@ static void finish(struct am_imageinfo_waiter *w, int err, const char *message,
 
 static void cf_unlink_waiter(struct cfetch *cf, struct am_imageinfo_waiter *w)
 {
-    if (w->cf_prev) w->cf_prev->cf_next = w->cf_next;
-    else cf->waiters = w->cf_next;
+    if (w->cf_prev)
+        w->cf_prev->cf_next = w->cf_next;
+    else
+        cf->waiters = w->cf_next;
     if (w->cf_next) w->cf_next->cf_prev = w->cf_prev;
     w->cf_prev = w->cf_next = NULL;
     w->cf = NULL;
@@ -512,8 +519,10 @@ static void cf_table_unlink(struct cfetch *cf)
 {
     struct am_imageinfo *ii = cf->ii;
     if (!cf->in_table) return;
-    if (cf->prev) cf->prev->next = cf->next;
-    else ii->fetches = cf->next;
+    if (cf->prev)
+        cf->prev->next = cf->next;
+    else
+        ii->fetches = cf->next;
     if (cf->next) cf->next->prev = cf->prev;
     cf->prev = cf->next = NULL;
     cf->in_table = false;
@@ -538,8 +547,7 @@ static void cf_free(struct cfetch *cf)
 /* Answers every waiter of cf (platform p, or err) and frees cf. The fetch leaves the
  * table first, so queries made from the callbacks find the cache or start anew; a
  * callback may cancel a waiter still to be answered (it leaves cf->waiters). */
-static void cf_deliver(struct cfetch *cf, int err, const char *message,
-                       const struct am_platform *p)
+static void cf_deliver(struct cfetch *cf, int err, const char *message, const struct am_platform *p)
 {
     struct am_imageinfo *ii = cf->ii;
     if (cf->ureq || cf->bhandle) {
@@ -576,8 +584,8 @@ static void on_cf_head(void *arg, const struct am_upstream_response *r)
     cf->got_head = true;
     cf->status = r->status;
     if ((h = am_http_header_find(r->headers, r->n_headers, "retry-after"))) {
-        size_t n = h->value_len < sizeof cf->retry_after - 1 ? h->value_len
-                                                             : sizeof cf->retry_after - 1;
+        size_t n =
+            h->value_len < sizeof cf->retry_after - 1 ? h->value_len : sizeof cf->retry_after - 1;
         memcpy(cf->retry_after, h->value, n);
         cf->retry_after[n] = '\0';
     }
@@ -662,8 +670,8 @@ static void cf_finish_bytes(struct cfetch *cf, const char *bytes, size_t len)
     am_digest_of(cf->config.alg, bytes, len, &got);
     if (!am_digest_equal(&got, &cf->config)) {
         snprintf(msg, sizeof msg, "image config %s hashes to %s", cf->config.str, got.str);
-        AM_ERROR("%s imageinfo: upstream %s: %s (%s); not cached", cf->ctx,
-                 up_name(ii, cf->up_idx), msg, cf->repo);
+        AM_ERROR("%s imageinfo: upstream %s: %s (%s); not cached", cf->ctx, up_name(ii, cf->up_idx),
+                 msg, cf->repo);
         cf_deliver(cf, AM_EDIGEST_MISMATCH, msg, NULL);
         return;
     }
@@ -731,10 +739,9 @@ static void wait_for_config(struct am_imageinfo_waiter *w, const struct am_descr
     ii->stats.config_fetches++;
     /* Through the blob cache when there is one: the node pulling this image asks for the
      * same config a moment later, and one upstream fetch serves both. */
-    int rc = ii->blob_fetch
-                 ? ii->blob_fetch(ii->blob_ctx, w->up_idx, w->repo, &config->digest,
-                                  AM_IMAGEINFO_CONFIG_MAX, on_cf_blob, cf, &cf->bhandle)
-                 : am_upstream_request(ii->ups[w->up_idx], &o, &cf_cbs, cf, &cf->ureq);
+    int rc = ii->blob_fetch ? ii->blob_fetch(ii->blob_ctx, w->up_idx, w->repo, &config->digest,
+                                             AM_IMAGEINFO_CONFIG_MAX, on_cf_blob, cf, &cf->bhandle)
+                            : am_upstream_request(ii->ups[w->up_idx], &o, &cf_cbs, cf, &cf->ureq);
     if (rc) {
         AM_WARN("%s imageinfo: upstream %s GET %s: %s", w->ctx, up_name(ii, w->up_idx), path,
                 am_error_message(rc));
@@ -870,8 +877,7 @@ void am_imageinfo_cancel(struct am_imageinfo_waiter *w)
 /* --- synchronous lookups --------------------------------------------------------------- */
 
 int am_imageinfo_lookup_cached(struct am_imageinfo *ii, size_t up_idx, const char *repo,
-                               const struct am_digest *top_digest,
-                               struct am_imageinfo_image *out)
+                               const struct am_digest *top_digest, struct am_imageinfo_image *out)
 {
     if (!args_ok(ii, up_idx, repo, top_digest) || !out) return AM_EINVAL;
     char key[KEY_MAX];
@@ -958,8 +964,8 @@ int am_imageinfo_note_index(struct am_imageinfo *ii, size_t up_idx, const char *
 }
 
 int am_imageinfo_child_platform(struct am_imageinfo *ii, size_t up_idx, const char *repo,
-                                const struct am_digest *child_digest,
-                                struct am_platform *platform, struct am_digest *index)
+                                const struct am_digest *child_digest, struct am_platform *platform,
+                                struct am_digest *index)
 {
     if (!args_ok(ii, up_idx, repo, child_digest) || !platform) return AM_EINVAL;
     char key[KEY_MAX];

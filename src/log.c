@@ -12,7 +12,10 @@ enum am_log_level am_log_current_level = AM_LOG_INFO;
 
 static const char *const names[] = {"error", "warn", "info", "debug"};
 
-void am_log_set_level(enum am_log_level level) { am_log_current_level = level; }
+void am_log_set_level(enum am_log_level level)
+{
+    am_log_current_level = level;
+}
 
 int am_log_parse_level(const char *s, enum am_log_level *out)
 {
@@ -33,8 +36,8 @@ void am_log_write(enum am_log_level level, const char *fmt, ...)
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
     int n = snprintf(line, sizeof line, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %-5s ",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                     tm.tm_sec, ts.tv_nsec / 1000000, names[level]);
+                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                     ts.tv_nsec / 1000000, names[level]);
     va_list ap;
     va_start(ap, fmt);
     int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);

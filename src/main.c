@@ -24,7 +24,7 @@
 #include "archmirror/pulllog.h"
 #include "archmirror/registry.h"
 
-#define EXIT_USAGE 2
+#define EXIT_USAGE    2
 #define MAX_OVERRIDES 64
 
 static const char usage[] =
@@ -104,7 +104,10 @@ static int make_dirs(const char *path)
 
 /* --- shutdown: drain the server, then the upstreams, then the store ---------------- */
 
-static void on_signal_closed(uv_handle_t *h) { (void)h; }
+static void on_signal_closed(uv_handle_t *h)
+{
+    (void)h;
+}
 
 static void on_store_closed(void *arg)
 {
@@ -125,8 +128,10 @@ static void on_blobs_closed(void *arg)
 {
     struct app *app = arg;
     app->bs = NULL;
-    if (app->pl) am_pulllog_close(app->pl, on_pulllog_closed, app);
-    else on_pulllog_closed(app);
+    if (app->pl)
+        am_pulllog_close(app->pl, on_pulllog_closed, app);
+    else
+        on_pulllog_closed(app);
 }
 
 static void on_server_drained(void *arg)
@@ -155,8 +160,20 @@ static void on_signal(uv_signal_t *h, int signum)
 
 /* --- flags ---------------------------------------------------------------------------- */
 
-enum { OPT_CONFIG = 256, OPT_LISTEN, OPT_DATA_DIR, OPT_UPSTREAM, OPT_UPSTREAM_CA,
-       OPT_DEFAULT_UPSTREAM, OPT_LOG_LEVEL, OPT_DIAGNOSTICS, OPT_CHECK, OPT_PRINT, OPT_VERSION, OPT_HELP };
+enum {
+    OPT_CONFIG = 256,
+    OPT_LISTEN,
+    OPT_DATA_DIR,
+    OPT_UPSTREAM,
+    OPT_UPSTREAM_CA,
+    OPT_DEFAULT_UPSTREAM,
+    OPT_LOG_LEVEL,
+    OPT_DIAGNOSTICS,
+    OPT_CHECK,
+    OPT_PRINT,
+    OPT_VERSION,
+    OPT_HELP
+};
 
 static const struct option options[] = {
     {"config", required_argument, NULL, OPT_CONFIG},
@@ -241,8 +258,10 @@ static int apply_overrides(struct am_config *cfg, const struct flags *f)
         case OPT_LOG_LEVEL: {
             enum am_log_level lvl;
             rc = am_log_parse_level(f->val[i], &lvl);
-            if (rc) snprintf(msg, sizeof msg, "--log-level: expected error, warn, info or debug");
-            else cfg->log_level = (int)lvl;
+            if (rc)
+                snprintf(msg, sizeof msg, "--log-level: expected error, warn, info or debug");
+            else
+                cfg->log_level = (int)lvl;
             break;
         }
         }
@@ -319,8 +338,8 @@ static int start(struct app *app)
         fprintf(stderr, "archmirror: data dir %s: %s\n", cfg->data_dir, uv_strerror(rc));
         return rc;
     }
-    if ((rc = am_metastore_open(&app->loop, cfg->data_dir, cfg->metastore_map_bytes, &app->ms,
-                                msg, sizeof msg))) {
+    if ((rc = am_metastore_open(&app->loop, cfg->data_dir, cfg->metastore_map_bytes, &app->ms, msg,
+                                sizeof msg))) {
         fprintf(stderr, "archmirror: cache store: %s\n", msg[0] ? msg : am_error_message(rc));
         return rc;
     }
@@ -330,8 +349,7 @@ static int start(struct app *app)
         .low_pct = (unsigned)cfg->blob_low_pct,
         .map_bytes = cfg->blobstore_map_bytes,
     };
-    if ((rc = am_blobstore_open_store(&app->loop, cfg->data_dir, &bo, &app->bs, msg,
-                                      sizeof msg))) {
+    if ((rc = am_blobstore_open_store(&app->loop, cfg->data_dir, &bo, &app->bs, msg, sizeof msg))) {
         fprintf(stderr, "archmirror: blob store: %s\n", msg[0] ? msg : am_error_message(rc));
         return rc;
     }
@@ -339,8 +357,10 @@ static int start(struct app *app)
         char dir[4096];
         struct am_pulllog_opts po;
         am_pulllog_opts_init(&po);
-        if (cfg->pulllog_dir) snprintf(dir, sizeof dir, "%s", cfg->pulllog_dir);
-        else snprintf(dir, sizeof dir, "%s/pulls", cfg->data_dir);
+        if (cfg->pulllog_dir)
+            snprintf(dir, sizeof dir, "%s", cfg->pulllog_dir);
+        else
+            snprintf(dir, sizeof dir, "%s/pulls", cfg->data_dir);
         po.dir = dir;
         po.rotate_bytes = cfg->pulllog_rotate_bytes;
         po.keep_files = (uint32_t)cfg->pulllog_keep_files;

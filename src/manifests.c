@@ -83,15 +83,20 @@ static void copy_view(char *dst, size_t cap, const char *s, size_t len)
     dst[len] = '\0';
 }
 
-static const char *up_name(const struct pull *p) { return p->mf->cfg->upstreams[p->up_idx].name; }
+static const char *up_name(const struct pull *p)
+{
+    return p->mf->cfg->upstreams[p->up_idx].name;
+}
 
 /* --- table and lifetime -------------------------------------------------------------- */
 
 static void table_unlink(struct pull *p)
 {
     if (!p->in_table) return;
-    if (p->prev) p->prev->next = p->next;
-    else p->mf->pulls = p->next;
+    if (p->prev)
+        p->prev->next = p->next;
+    else
+        p->mf->pulls = p->next;
     if (p->next) p->next->prev = p->prev;
     p->prev = p->next = NULL;
     p->in_table = false;
@@ -293,8 +298,8 @@ static void finish_body(struct pull *p)
                                    : p->has_up_digest     ? &p->up_digest
                                                           : NULL;
     if (want && !am_digest_equal(&got, want)) {
-        AM_ERROR("%s upstream %s: manifest %s of %s hashes to %s; not cached", p->ctx,
-                 up_name(p), want->str, p->repo, got.str);
+        AM_ERROR("%s upstream %s: manifest %s of %s hashes to %s; not cached", p->ctx, up_name(p),
+                 want->str, p->repo, got.str);
         deliver_error(p, AM_EDIGEST_MISMATCH, NULL);
         return;
     }
@@ -368,8 +373,7 @@ static void finish_tag_head(struct pull *p)
         struct am_tag_rec rec;
         memset(&rec, 0, sizeof rec);
         rec.digest = p->up_digest;
-        copy_view(rec.media_type, sizeof rec.media_type, p->content_type,
-                  strlen(p->content_type));
+        copy_view(rec.media_type, sizeof rec.media_type, p->content_type, strlen(p->content_type));
         rec.size = (uint64_t)p->up_len;
         store_tag(p, &rec.digest, rec.media_type, rec.size);
         deliver_tag(p, &rec, "miss");
@@ -437,8 +441,7 @@ static int add_waiter(struct pull *p, am_manifests_cb cb, void *arg,
 
 /* Answers from the store alone, when it can: true if cb ran. */
 static bool answer_from_store(struct am_manifests *mf, const struct am_manifests_query *q,
-                              am_manifests_cb cb, void *arg, struct am_tag_rec *tag,
-                              bool *have_tag)
+                              am_manifests_cb cb, void *arg, struct am_tag_rec *tag, bool *have_tag)
 {
     const char *up = mf->cfg->upstreams[q->up_idx].name;
     const struct am_digest *d = q->digest;
@@ -484,10 +487,8 @@ int am_manifests_get(struct am_manifests *mf, const struct am_manifests_query *q
                      am_manifests_cb cb, void *arg, struct am_manifests_waiter **out)
 {
     *out = NULL;
-    if (q->up_idx >= mf->cfg->n_upstreams || !q->repo || (!q->tag == !q->digest))
-        return AM_EINVAL;
-    if (strlen(q->repo) > AM_NAME_MAX || (q->tag && strlen(q->tag) > AM_TAG_MAX))
-        return AM_EINVAL;
+    if (q->up_idx >= mf->cfg->n_upstreams || !q->repo || (!q->tag == !q->digest)) return AM_EINVAL;
+    if (strlen(q->repo) > AM_NAME_MAX || (q->tag && strlen(q->tag) > AM_TAG_MAX)) return AM_EINVAL;
 
     struct am_tag_rec tag;
     bool have_tag;
@@ -507,8 +508,10 @@ int am_manifests_get(struct am_manifests *mf, const struct am_manifests_query *q
     p->by_digest = q->digest != NULL;
     snprintf(p->ctx, sizeof p->ctx, "%s", q->log_ctx ? q->log_ctx : "-");
     copy_view(p->repo, sizeof p->repo, q->repo, strlen(q->repo));
-    if (q->digest) p->digest = *q->digest;
-    else copy_view(p->tag, sizeof p->tag, q->tag, strlen(q->tag));
+    if (q->digest)
+        p->digest = *q->digest;
+    else
+        copy_view(p->tag, sizeof p->tag, q->tag, strlen(q->tag));
     p->have_stale = have_tag;
     if (have_tag) p->stale = tag;
     am_buf_init(&p->body, mf->cfg->max_manifest_bytes);
@@ -522,7 +525,7 @@ int am_manifests_get(struct am_manifests *mf, const struct am_manifests_query *q
     mf->pulls = p;
     p->in_table = true;
 
-    enum pull_kind kind = q->digest                     ? PULL_DIGEST
+    enum pull_kind kind = q->digest                   ? PULL_DIGEST
                           : have_tag || !q->need_body ? PULL_TAG_HEAD /* revalidate, or HEAD */
                                                       : PULL_TAG_GET;
     pull_start(p, kind);
@@ -538,8 +541,10 @@ void am_manifests_cancel(struct am_manifests_waiter *w)
 {
     if (!w) return;
     struct pull *p = w->p;
-    if (w->prev) w->prev->next = w->next;
-    else p->waiters = w->next;
+    if (w->prev)
+        w->prev->next = w->next;
+    else
+        p->waiters = w->next;
     if (w->next) w->next->prev = w->prev;
     free(w);
     if (!p->waiters && !p->delivering && p->ureq) {

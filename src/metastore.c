@@ -381,8 +381,7 @@ static int open_dbs(struct am_metastore *ms, char *msg, size_t msglen)
     rc = mdb_dbi_open(txn, "platforms", 0, &ms->dbi_platforms);
     bool add_platforms = rc == MDB_NOTFOUND;
     if (rc && !add_platforms) {
-        fill_msg(msg, msglen, "%s: opening the platforms database: %s", ms->path,
-                 mdb_strerror(rc));
+        fill_msg(msg, msglen, "%s: opening the platforms database: %s", ms->path, mdb_strerror(rc));
         goto fail;
     }
     /* Commit, not abort: an aborted txn would close the DBI handles it opened. */
@@ -461,8 +460,7 @@ fail:
  * GET by digest): it must see what that fetch stored, not wait for the commit. The
  * worker only reads the batch's ops, and only the loop frees them, so scanning both
  * lists here is safe. */
-static const struct op *find_queued(const struct am_metastore *ms, MDB_dbi dbi,
-                                    const struct key *k)
+static const struct op *find_queued(const struct am_metastore *ms, MDB_dbi dbi, const struct key *k)
 {
     const struct op *found = NULL;
     const struct op *lists[2] = {ms->batch.head, ms->pending.head};
@@ -697,8 +695,7 @@ static int decode_platform(const struct am_metastore *ms, const MDB_val *v,
         goto bad;
     }
     dg_len = p[4];
-    if (get_u16le(p) != VALUE_VERSION || p[2] != KIND_PLATFORM || p[3] || p[5] || p[6] ||
-        p[7]) {
+    if (get_u16le(p) != VALUE_VERSION || p[2] != KIND_PLATFORM || p[3] || p[5] || p[6] || p[7]) {
         why = "wrong version, kind or reserved bytes";
         goto bad;
     }
@@ -842,7 +839,8 @@ static int touch_meta(struct am_metastore *ms)
     MDB_txn *txn = NULL;
     unsigned char now[8];
     put_u64le(now, am_metastore_now_ms());
-    MDB_val k = {.mv_size = 10, .mv_data = (void *)"evicted_at"}, v = {.mv_size = 8, .mv_data = now};
+    MDB_val k = {.mv_size = 10, .mv_data = (void *)"evicted_at"},
+            v = {.mv_size = 8, .mv_data = now};
     int rc = mdb_txn_begin(ms->env, NULL, 0, &txn);
     if (rc == 0 && (rc = mdb_put(txn, ms->dbi_meta, &k, &v, 0)) == 0) return mdb_txn_commit(txn);
     if (txn) mdb_txn_abort(txn);
@@ -1065,8 +1063,8 @@ int am_metastore_put_tag(struct am_metastore *ms, const char *upstream, const ch
 }
 
 int am_metastore_put_platform(struct am_metastore *ms, const char *upstream, const char *repo,
-                              const struct am_digest *manifest,
-                              const struct am_platform_rec *rec, am_metastore_cb cb, void *arg)
+                              const struct am_digest *manifest, const struct am_platform_rec *rec,
+                              am_metastore_cb cb, void *arg)
 {
     struct key k;
     size_t lens[4], body = 0;

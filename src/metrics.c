@@ -10,7 +10,7 @@
 /* Request latency buckets, in seconds (upper bounds; +Inf is implicit). */
 static const double buckets[] = {0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30};
 #define N_BUCKETS (sizeof buckets / sizeof buckets[0])
-#define N_STATUS 600
+#define N_STATUS  600
 
 struct histogram {
     uint64_t counts[N_BUCKETS + 1];
@@ -27,8 +27,8 @@ struct labeled {
     size_t n;
 };
 
-static const char *const route_names[AM_MR_N_] = {"base", "manifest", "blob", "api",
-                                                   "health", "metrics", "other"};
+static const char *const route_names[AM_MR_N_] = {"base",   "manifest", "blob", "api",
+                                                  "health", "metrics",  "other"};
 
 static struct {
     uint64_t requests[AM_MR_N_][N_STATUS];
@@ -40,7 +40,10 @@ static struct {
     struct labeled mismatches;
 } m;
 
-void am_metrics_reset(void) { memset(&m, 0, sizeof m); }
+void am_metrics_reset(void)
+{
+    memset(&m, 0, sizeof m);
+}
 
 static void observe(struct histogram *h, uint64_t ns)
 {
@@ -86,7 +89,10 @@ void am_metrics_count_request(enum am_metrics_route route, int status, uint64_t 
     observe(&m.latency[route], duration_ns);
 }
 
-void am_metrics_count_cache(bool blob, bool hit) { m.cache[blob][hit]++; }
+void am_metrics_count_cache(bool blob, bool hit)
+{
+    m.cache[blob][hit]++;
+}
 
 void am_metrics_count_upstream(const char *upstream, bool error, uint64_t duration_ns)
 {
@@ -96,7 +102,10 @@ void am_metrics_count_upstream(const char *upstream, bool error, uint64_t durati
     observe(&m.upstreams.hist[i], duration_ns);
 }
 
-void am_metrics_count_pull(const char *platform) { m.pulls.values[slot(&m.pulls, platform)]++; }
+void am_metrics_count_pull(const char *platform)
+{
+    m.pulls.values[slot(&m.pulls, platform)]++;
+}
 
 void am_metrics_count_mismatch(const char *image, const char *platform)
 {
@@ -111,9 +120,12 @@ static int append_label(struct am_buf *b, const char *s, size_t n)
     int rc = 0;
     for (size_t i = 0; i < n && !rc; i++) {
         char c = s[i];
-        if (c == '\\' || c == '"') rc = am_buf_appendf(b, "\\%c", c);
-        else if (c == '\n') rc = am_buf_append_str(b, "\\n");
-        else rc = am_buf_append(b, &c, 1);
+        if (c == '\\' || c == '"')
+            rc = am_buf_appendf(b, "\\%c", c);
+        else if (c == '\n')
+            rc = am_buf_append_str(b, "\\n");
+        else
+            rc = am_buf_append(b, &c, 1);
     }
     return rc;
 }
@@ -129,8 +141,8 @@ static int render_histogram(struct am_buf *b, const char *name, const char *lnam
             rc = am_buf_appendf(b, "%s_bucket{%s=\"%s\",le=\"%g\"} %llu\n", name, lname, lvalue,
                                 buckets[i], (unsigned long long)cum);
         else
-            rc = am_buf_appendf(b, "%s_bucket{%s=\"%s\",le=\"+Inf\"} %llu\n", name, lname,
-                                lvalue, (unsigned long long)cum);
+            rc = am_buf_appendf(b, "%s_bucket{%s=\"%s\",le=\"+Inf\"} %llu\n", name, lname, lvalue,
+                                (unsigned long long)cum);
     }
     if (!rc)
         rc = am_buf_appendf(b, "%s_sum{%s=\"%s\"} %.6f\n%s_count{%s=\"%s\"} %llu\n", name, lname,
@@ -183,7 +195,8 @@ int am_metrics_render(struct am_buf *out, am_metrics_gauges_fn gauges, void *arg
     for (int r = 0; r < AM_MR_N_ && !rc; r++)
         for (int s = 0; s < N_STATUS && !rc; s++)
             if (m.requests[r][s])
-                rc = am_buf_appendf(out, "archmirror_requests_total{route=\"%s\",code=\"%d\"} %llu\n",
+                rc = am_buf_appendf(out,
+                                    "archmirror_requests_total{route=\"%s\",code=\"%d\"} %llu\n",
                                     route_names[r], s, (unsigned long long)m.requests[r][s]);
     if (!rc)
         rc = am_buf_append_str(out, "# HELP archmirror_served_bytes_total Response body bytes "

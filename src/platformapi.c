@@ -84,10 +84,10 @@ json_t *am_platformapi_error_json(const char *code, const char *message)
                      jstr(message ? message : ""));
 }
 
-static void set_err(struct am_platformapi_error *e, int status, const char *code,
-                    const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-static void set_err(struct am_platformapi_error *e, int status, const char *code,
-                    const char *fmt, ...)
+static void set_err(struct am_platformapi_error *e, int status, const char *code, const char *fmt,
+                    ...) __attribute__((format(printf, 4, 5)));
+static void set_err(struct am_platformapi_error *e, int status, const char *code, const char *fmt,
+                    ...)
 {
     va_list ap;
     e->status = status;
@@ -145,8 +145,7 @@ bool am_platformapi_owns(const char *path, size_t len)
 }
 
 int am_platformapi_parse_image(const struct am_config *cfg, const char *s, size_t len,
-                               struct am_platformapi_target *out,
-                               struct am_platformapi_error *err)
+                               struct am_platformapi_target *out, struct am_platformapi_error *err)
 {
     char msg[200];
     struct am_reference ref;
@@ -159,8 +158,8 @@ int am_platformapi_parse_image(const struct am_config *cfg, const char *s, size_
         set_err(err, 400, "REFERENCE_INVALID", "%s", msg);
         return -1;
     }
-    const struct am_upstream_conf *up = am_config_find_upstream(cfg, ref.registry,
-                                                                strlen(ref.registry));
+    const struct am_upstream_conf *up =
+        am_config_find_upstream(cfg, ref.registry, strlen(ref.registry));
     if (!up) {
         char names[160] = "";
         size_t at = 0;
@@ -171,8 +170,8 @@ int am_platformapi_parse_image(const struct am_config *cfg, const char *s, size_
             at += (size_t)w;
         }
         set_err(err, 403, "REGISTRY_UNKNOWN",
-                "registry \"%s\" is not an upstream of this mirror (upstreams: %s)",
-                ref.registry, names);
+                "registry \"%s\" is not an upstream of this mirror (upstreams: %s)", ref.registry,
+                names);
         return -1;
     }
     out->up_idx = (size_t)(up - cfg->upstreams);
@@ -266,7 +265,8 @@ int am_platformapi_parse_batch(const char *body, size_t len, struct am_platforma
     }
     const char *key;
     json_t *v;
-    json_object_foreach(root, key, v) {
+    json_object_foreach(root, key, v)
+    {
         if (strcmp(key, "images") != 0 && strcmp(key, "require") != 0) {
             char k[64];
             size_t i = 0;
@@ -301,7 +301,8 @@ int am_platformapi_parse_batch(const char *body, size_t len, struct am_platforma
             goto done;
         }
         size_t i;
-        json_array_foreach(req, i, v) {
+        json_array_foreach(req, i, v)
+        {
             char msg[160];
             struct am_platform p;
             if (!json_is_string(v)) {
@@ -327,7 +328,8 @@ int am_platformapi_parse_batch(const char *body, size_t len, struct am_platforma
         goto done;
     }
     size_t i;
-    json_array_foreach(images, i, v) {
+    json_array_foreach(images, i, v)
+    {
         if (!json_is_string(v)) {
             set_err(err, 400, "BODY_INVALID", "images[%zu] is not a string", i);
             goto done;
@@ -402,7 +404,8 @@ static json_t *platform_json(const struct am_imageinfo_platform *p)
                           "architecture", jstr(p->platform.architecture), "variant",
                           jstr(p->platform.variant));
     if (!o) return NULL;
-    if (p->platform.os_version[0]) json_object_set_new(o, "osVersion", jstr(p->platform.os_version));
+    if (p->platform.os_version[0])
+        json_object_set_new(o, "osVersion", jstr(p->platform.os_version));
     json_object_set_new(o, "digest", jstr(p->digest.str));
     json_object_set_new(o, "size", json_integer((json_int_t)p->size));
     return o;
@@ -413,8 +416,8 @@ json_t *am_platformapi_result_json(const struct am_platformapi_target *t,
 {
     if (r->err) {
         char msg[256];
-        snprintf(msg, sizeof msg, "%s", r->message && r->message[0] ? r->message
-                                                                    : am_error_message(r->err));
+        snprintf(msg, sizeof msg, "%s",
+                 r->message && r->message[0] ? r->message : am_error_message(r->err));
         return am_platformapi_error_json(am_platformapi_error_code(r->err), msg);
     }
     const struct am_imageinfo_image *img = r->image;
@@ -427,11 +430,11 @@ json_t *am_platformapi_result_json(const struct am_platformapi_target *t,
             plats = NULL;
         }
     if (!plats) return NULL;
-    json_t *o = json_pack("{s:o,s:o,s:o,s:o,s:o,s:b,s:o}", "registry", jstr(t->ref.registry),
-                          "repository", jstr(t->ref.repository), "tag",
-                          t->ref.has_tag ? jstr(t->ref.tag) : json_null(), "digest",
-                          jstr(img->digest.str), "mediaType", jstr(img->media_type), "multiArch",
-                          img->multi_arch, "platforms", plats);
+    json_t *o =
+        json_pack("{s:o,s:o,s:o,s:o,s:o,s:b,s:o}", "registry", jstr(t->ref.registry), "repository",
+                  jstr(t->ref.repository), "tag", t->ref.has_tag ? jstr(t->ref.tag) : json_null(),
+                  "digest", jstr(img->digest.str), "mediaType", jstr(img->media_type), "multiArch",
+                  img->multi_arch, "platforms", plats);
     if (!o) return NULL;
     if (img->truncated) json_object_set_new(o, "truncated", json_true());
     json_object_set_new(o, "source", json_string(r->from_upstream ? "upstream" : "cache"));
@@ -445,8 +448,10 @@ json_t *am_platformapi_result_json(const struct am_platformapi_target *t,
 static void req_free(struct req *q)
 {
     struct am_platformapi *api = q->api;
-    if (q->prev) q->prev->next = q->next;
-    else if (api->reqs == q) api->reqs = q->next;
+    if (q->prev)
+        q->prev->next = q->next;
+    else if (api->reqs == q)
+        api->reqs = q->next;
     if (q->next) q->next->prev = q->prev;
     for (size_t i = 0; i < q->n_lookups; i++) {
         struct lookup *l = &q->lookups[i];
@@ -493,8 +498,10 @@ static void add_matches(struct lookup *l, const struct am_imageinfo_image *img)
                             json_pack("{s:o,s:o}", "platform", jstr(got), "digest",
                                       jstr(img->platforms[i].digest.str)));
     }
-    if (l->core) json_object_set_new(l->core, "matches", matches);
-    else json_decref(matches);
+    if (l->core)
+        json_object_set_new(l->core, "matches", matches);
+    else
+        json_decref(matches);
 }
 
 static void respond_get(struct req *q)
@@ -503,7 +510,8 @@ static void respond_get(struct req *q)
     json_t *doc = json_object();
     if (doc) {
         json_object_set_new(doc, "image", jstr(q->items[0].image));
-        if (l->core) json_object_update(doc, l->core);
+        if (l->core)
+            json_object_update(doc, l->core);
         else {
             json_decref(doc);
             doc = NULL;
@@ -597,8 +605,10 @@ static void pump(struct req *q)
     }
     q->pumping = false;
     if (q->n_done == q->n_lookups) {
-        if (q->is_get) respond_get(q);
-        else respond_batch(q);
+        if (q->is_get)
+            respond_get(q);
+        else
+            respond_batch(q);
         q->ex = NULL;
         req_free(q);
     }
@@ -732,15 +742,16 @@ static void handle_post(struct am_platformapi *api, struct am_http_exchange *ex,
     int rc = am_platformapi_parse_batch(body, len, &q->batch, &e);
     if (rc == 0 && req_plan(q)) rc = AM_ENOMEM;
     if (rc) {
-        if (rc == AM_ENOMEM) set_err(&e, 500, "NOMEM", "out of memory");
+        if (rc == AM_ENOMEM)
+            set_err(&e, 500, "NOMEM", "out of memory");
         else
             AM_INFO("%s POST %s: %d %s", q->ctx, hr->path, e.status, e.message);
         req_free(q);
         respond_error(ex, &e, NULL, 0);
         return;
     }
-    AM_DEBUG("%s platforms: %zu images, %zu lookups, %zu required platforms", q->ctx,
-             q->n_items, q->n_lookups, q->batch.n_require);
+    AM_DEBUG("%s platforms: %zu images, %zu lookups, %zu required platforms", q->ctx, q->n_items,
+             q->n_lookups, q->batch.n_require);
     am_http_set_callbacks(ex, NULL, on_req_gone, q);
     pump(q);
 }

@@ -45,7 +45,10 @@ int am_pulltrack_new(const struct am_config *cfg, struct am_imageinfo *ii, struc
     return 0;
 }
 
-void am_pulltrack_free(struct am_pulltrack *pt) { free(pt); }
+void am_pulltrack_free(struct am_pulltrack *pt)
+{
+    free(pt);
+}
 
 /* The node is the client address without its port. */
 static void node_of(const char *peer, char *out, size_t cap)
@@ -90,9 +93,9 @@ static struct slot *lookup(struct am_pulltrack *pt, const char *node, size_t up_
 }
 
 static void record(struct am_pulltrack *pt, const struct am_pulltrack_event *ev, const char *tag,
-                   const struct am_digest *top, const struct am_digest *child,
-                   const char *platform, enum am_pulllog_source source,
-                   const struct am_imageinfo_image *image, uint64_t bytes, bool hit)
+                   const struct am_digest *top, const struct am_digest *child, const char *platform,
+                   enum am_pulllog_source source, const struct am_imageinfo_image *image,
+                   uint64_t bytes, bool hit)
 {
     char plats[AM_IMAGEINFO_PLATFORMS_MAX][AM_PLATFORM_FORMAT_SIZE];
     const char *plist[AM_IMAGEINFO_PLATFORMS_MAX];
@@ -161,8 +164,8 @@ static void on_single_resolved(void *arg, const struct am_imageinfo_result *r)
 {
     struct deferred *d = arg;
     if (r->err != AM_ECANCELED)
-        record_single(d->pt, &d->ev, d->tag[0] ? d->tag : NULL, d->header,
-                      r->err ? NULL : r->image, d->hit);
+        record_single(d->pt, &d->ev, d->tag[0] ? d->tag : NULL, d->header, r->err ? NULL : r->image,
+                      d->hit);
     free(d);
 }
 
@@ -208,8 +211,8 @@ bool am_pulltrack_observe(struct am_pulltrack *pt, const struct am_pulltrack_eve
 
     if (am_mediatype_is_index(kind)) {
         if (ev->bytes)
-            (void)am_imageinfo_note_index(pt->ii, ev->up_idx, ev->repo, ev->digest,
-                                          ev->media_type, ev->bytes, (size_t)ev->size);
+            (void)am_imageinfo_note_index(pt->ii, ev->up_idx, ev->repo, ev->digest, ev->media_type,
+                                          ev->bytes, (size_t)ev->size);
         struct slot *s = lookup(pt, node, ev->up_idx, ev->repo, true, now);
         if (ev->tag) {
             snprintf(s->tag, sizeof s->tag, "%s", ev->tag);

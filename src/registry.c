@@ -39,21 +39,21 @@
 /* A client that reads slower than the upstream sends pauses the upstream above this. */
 #define BLOB_HIGH_WATER (1u << 20)
 #define API_VERSION_HDR "Docker-Distribution-API-Version"
-#define API_VERSION "registry/2.0"
+#define API_VERSION     "registry/2.0"
 
 struct am_registry {
     uv_loop_t *loop;
     const struct am_config *cfg;
     struct am_metastore *ms;
-    struct am_blobstore *bs;   /* borrowed; NULL without a blob store */
-    struct am_pulllog *pl;     /* borrowed; NULL when the pull log is off */
-    struct am_blobflights *bf; /* owned; NULL without a blob store */
-    struct am_manifests *mf;   /* owned */
-    struct am_imageinfo *ii;   /* owned */
-    struct am_platformapi *api; /* owned */
-    struct am_pulltrack *pt;   /* owned */
-    bool admin_separate;       /* admin paths only on the admin listener */
-    char *admin_token;         /* owned secret or NULL */
+    struct am_blobstore *bs;                          /* borrowed; NULL without a blob store */
+    struct am_pulllog *pl;                            /* borrowed; NULL when the pull log is off */
+    struct am_blobflights *bf;                        /* owned; NULL without a blob store */
+    struct am_manifests *mf;                          /* owned */
+    struct am_imageinfo *ii;                          /* owned */
+    struct am_platformapi *api;                       /* owned */
+    struct am_pulltrack *pt;                          /* owned */
+    bool admin_separate;                              /* admin paths only on the admin listener */
+    char *admin_token;                                /* owned secret or NULL */
     struct am_upstream *ups[AM_CONFIG_MAX_UPSTREAMS]; /* owned; index = cfg->upstreams */
     size_t n_ups;
 };
@@ -61,7 +61,7 @@ struct am_registry {
 /* A blob request that no stored or in-flight copy answers, streamed through. */
 struct pull {
     struct am_registry *reg;
-    struct am_http_exchange *ex; /* borrowed; NULL once the exchange has ended */
+    struct am_http_exchange *ex;  /* borrowed; NULL once the exchange has ended */
     struct am_upstream_req *ureq; /* NULL once finished or cancelled */
     size_t up_idx;
     bool client_head;
@@ -135,8 +135,10 @@ static void respond_manifest(struct am_http_exchange *ex, const char *media_type
     char etag[AM_DIGEST_STR_MAX + 3];
     snprintf(etag, sizeof etag, "\"%s\"", digest->str);
     struct am_http_header h[] = {
-        hdr("Content-Type", media_type), hdr("Docker-Content-Digest", digest->str),
-        hdr("ETag", etag),               hdr(API_VERSION_HDR, API_VERSION),
+        hdr("Content-Type", media_type),
+        hdr("Docker-Content-Digest", digest->str),
+        hdr("ETag", etag),
+        hdr(API_VERSION_HDR, API_VERSION),
         hdr("X-Archmirror-Cache", cache_state),
     };
     am_http_respond(ex, 200, NULL, h, sizeof h / sizeof h[0], bytes, len);
@@ -146,8 +148,7 @@ static bool accept_allows(struct am_http_exchange *ex, const char *accept, const
 {
     if (am_mediatype_accepts(accept, strlen(accept), mt)) return true;
     char msg[AM_MEDIATYPE_MAX + 96];
-    snprintf(msg, sizeof msg, "manifest is %s, which the request's Accept header excludes",
-             mt);
+    snprintf(msg, sizeof msg, "manifest is %s, which the request's Accept header excludes", mt);
     respond_error(ex, AM_EMANIFEST_UNKNOWN, msg);
     return false;
 }
@@ -347,8 +348,7 @@ static const struct am_upstream_cbs pull_cbs = {on_up_head, on_up_body, on_up_do
 /* --- request handling --------------------------------------------------------------- */
 
 static struct pull *pull_new(struct am_registry *reg, struct am_http_exchange *ex,
-                             const struct am_http_request *req, size_t up_idx,
-                             const char *repo)
+                             const struct am_http_request *req, size_t up_idx, const char *repo)
 {
     struct pull *p = calloc(1, sizeof *p);
     if (!p) return NULL;
@@ -432,8 +432,10 @@ static void answer_manifest(struct am_http_exchange *ex, const char *accept,
     char etag[AM_DIGEST_STR_MAX + 3];
     snprintf(etag, sizeof etag, "\"%s\"", r->digest->str);
     struct am_http_header h[] = {
-        hdr("Content-Type", r->media_type), hdr("Docker-Content-Digest", r->digest->str),
-        hdr("ETag", etag),                  hdr(API_VERSION_HDR, API_VERSION),
+        hdr("Content-Type", r->media_type),
+        hdr("Docker-Content-Digest", r->digest->str),
+        hdr("ETag", etag),
+        hdr(API_VERSION_HDR, API_VERSION),
         hdr("X-Archmirror-Cache", r->cache_state),
     };
     if (am_http_start(ex, 200, NULL, h, sizeof h / sizeof h[0], r->size) == 0) am_http_end(ex);
@@ -447,8 +449,8 @@ static void image_ref(const struct am_registry *reg, size_t up_idx, const char *
 }
 
 static struct am_pulltrack_event event_of(const struct mreq *m, const struct am_digest *d,
-                                          const char *media_type, uint64_t size,
-                                          const char *bytes, bool hit)
+                                          const char *media_type, uint64_t size, const char *bytes,
+                                          bool hit)
 {
     struct am_pulltrack_event ev = {
         .peer = m->peer,
@@ -519,8 +521,8 @@ static void warn_check(struct am_registry *reg, const struct mreq *m, const stru
     wc->m.ex = NULL;
     wc->m.q.repo = wc->m.repo;
     wc->m.q.tag = wc->m.tag;
-    struct am_imageinfo_query iq = {.up_idx = m->q.up_idx, .repo = wc->m.repo, .digest = d,
-                                    .log_ctx = m->ctx};
+    struct am_imageinfo_query iq = {
+        .up_idx = m->q.up_idx, .repo = wc->m.repo, .digest = d, .log_ctx = m->ctx};
     struct am_imageinfo_waiter *w;
     if (am_imageinfo_get(reg->ii, &iq, on_warn_checked, wc, &w) != 0) free(wc);
     /* No handle is kept: the check outlives the client; am_imageinfo_free answers it. */
@@ -535,8 +537,8 @@ static void on_mreq_result(void *arg, const struct am_manifests_result *r)
     if (!r->err) am_metrics_count_cache(false, hit);
     answer_manifest(m->ex, m->accept, r);
     if (!r->err) {
-        struct am_pulltrack_event ev = event_of(m, r->digest, r->media_type, r->size, r->bytes,
-                                                hit);
+        struct am_pulltrack_event ev =
+            event_of(m, r->digest, r->media_type, r->size, r->bytes, hit);
         if (reg->pt) am_pulltrack_observe(reg->pt, &ev);
         if (m->q.tag && m->n_node && reg->cfg->diagnostics == AM_DIAG_WARN && reg->ii)
             warn_check(reg, m, r->digest);
@@ -572,12 +574,14 @@ static void on_enforce_checked(void *arg, const struct am_imageinfo_result *r)
         for (size_t i = 0; i < r->image->n_platforms; i++) has[i] = r->image->platforms[i].platform;
         char ref[AM_REGISTRY_MAX + AM_NAME_MAX + AM_TAG_MAX + 4];
         image_ref(m->reg, m->q.up_idx, m->repo, m->q.tag, ref, sizeof ref);
-        char *body = am_diagnostics_body(ref, m->node, m->n_node, has, r->image->n_platforms,
-                                         reason);
+        char *body =
+            am_diagnostics_body(ref, m->node, m->n_node, has, r->image->n_platforms, reason);
         struct am_http_header h[] = {hdr("Content-Type", "application/json"),
                                      hdr(API_VERSION_HDR, API_VERSION)};
-        if (body) am_http_respond(m->ex, 409, reason, h, 2, body, strlen(body));
-        else am_http_respond_error(m->ex, AM_EDENIED, reason, reason, h + 1, 1);
+        if (body)
+            am_http_respond(m->ex, 409, reason, h, 2, body, strlen(body));
+        else
+            am_http_respond_error(m->ex, AM_EDENIED, reason, reason, h + 1, 1);
         free(body);
         free(m);
         return;
@@ -602,8 +606,10 @@ static void handle_manifest(struct am_registry *reg, struct am_http_exchange *ex
     snprintf(m->peer, sizeof m->peer, "%s", req->peer);
     snprintf(m->repo, sizeof m->repo, "%s", repo);
     snprintf(m->accept, sizeof m->accept, "%s", accept);
-    if (rt->by_digest) m->digest = rt->digest;
-    else snprintf(m->tag, sizeof m->tag, "%s", rt->tag);
+    if (rt->by_digest)
+        m->digest = rt->digest;
+    else
+        snprintf(m->tag, sizeof m->tag, "%s", rt->tag);
     m->q = (struct am_manifests_query){
         .up_idx = up_idx,
         .repo = m->repo,
@@ -613,11 +619,11 @@ static void handle_manifest(struct am_registry *reg, struct am_http_exchange *ex
         .log_ctx = m->ctx,
     };
     if (reg->cfg->diagnostics != AM_DIAG_OFF)
-        m->n_node = am_diagnostics_node_platforms(req->headers, req->n_headers, m->node,
-                                                  AM_DIAG_NODE_MAX);
+        m->n_node =
+            am_diagnostics_node_platforms(req->headers, req->n_headers, m->node, AM_DIAG_NODE_MAX);
     if (!rt->by_digest && m->n_node && reg->cfg->diagnostics == AM_DIAG_ENFORCE && reg->ii) {
-        struct am_imageinfo_query iq = {.up_idx = up_idx, .repo = m->repo, .tag = m->tag,
-                                        .log_ctx = m->ctx};
+        struct am_imageinfo_query iq = {
+            .up_idx = up_idx, .repo = m->repo, .tag = m->tag, .log_ctx = m->ctx};
         struct am_imageinfo_waiter *w;
         if (am_imageinfo_get(reg->ii, &iq, on_enforce_checked, m, &w) == 0) {
             if (w) {
@@ -631,8 +637,8 @@ static void handle_manifest(struct am_registry *reg, struct am_http_exchange *ex
 }
 
 static void handle_blob(struct am_registry *reg, struct am_http_exchange *ex,
-                        const struct am_http_request *req, const struct am_route *rt,
-                        size_t up_idx, const char *repo)
+                        const struct am_http_request *req, const struct am_route *rt, size_t up_idx,
+                        const char *repo)
 {
     char path[AM_NAME_MAX + AM_DIGEST_STR_MAX + 32];
     snprintf(path, sizeof path, "/v2/%s/blobs/%s", repo, rt->digest.str);
@@ -739,8 +745,8 @@ static bool handle_admin(struct am_registry *reg, struct am_http_exchange *ex,
         struct am_http_header h[] = {hdr("WWW-Authenticate", "Bearer realm=\"archmirror-admin\"")};
         AM_INFO("c%llu r%llu %s %s: missing or wrong admin token", (unsigned long long)req->conn_id,
                 (unsigned long long)req->id, req->method, req->path);
-        am_http_respond_error(ex, AM_EUNAUTHORIZED, NULL, "the admin API needs its bearer token",
-                              h, 1);
+        am_http_respond_error(ex, AM_EUNAUTHORIZED, NULL, "the admin API needs its bearer token", h,
+                              1);
         return true;
     }
     if (strcmp(req->path, "/metrics") == 0) {
@@ -802,13 +808,15 @@ void am_registry_handle(void *ctx, struct am_http_exchange *ex)
 
     if (handle_health(reg, ex, req)) return;
     if (is_admin_path(req->path)) {
-        if (reg->admin_separate) respond_error(ex, AM_ENOT_FOUND, "served on the admin listener");
-        else handle_admin(reg, ex, req);
+        if (reg->admin_separate)
+            respond_error(ex, AM_ENOT_FOUND, "served on the admin listener");
+        else
+            handle_admin(reg, ex, req);
         return;
     }
 
-    int rc = am_route_parse(req->path, req->path_len, req->query, req->query_len, &rt, msg,
-                            sizeof msg);
+    int rc =
+        am_route_parse(req->path, req->path_len, req->query, req->query_len, &rt, msg, sizeof msg);
     if (rc) {
         AM_INFO("c%llu r%llu %s %s: %s", (unsigned long long)req->conn_id,
                 (unsigned long long)req->id, req->method, req->path, msg);
@@ -861,15 +869,15 @@ void am_registry_handle(void *ctx, struct am_http_exchange *ex)
 
 /* imageinfo's blob source: configs come through the blob cache's single fetch. */
 static int blob_source_fetch(void *ctx, size_t up_idx, const char *repo,
-                             const struct am_digest *digest, size_t max,
-                             am_imageinfo_blob_cb cb, void *arg, void **handle)
+                             const struct am_digest *digest, size_t max, am_imageinfo_blob_cb cb,
+                             void *arg, void **handle)
 {
     struct am_registry *reg = ctx;
     char path[AM_NAME_MAX + AM_DIGEST_STR_MAX + 32], scope[AM_NAME_MAX + 32];
     snprintf(path, sizeof path, "/v2/%s/blobs/%s", repo, digest->str);
     snprintf(scope, sizeof scope, "repository:%s:pull", repo);
-    return am_blobflights_fetch_small(reg->bf, reg->ups[up_idx], path, scope, digest, max, cb,
-                                      arg, handle);
+    return am_blobflights_fetch_small(reg->bf, reg->ups[up_idx], path, scope, digest, max, cb, arg,
+                                      handle);
 }
 
 static void blob_source_cancel(void *ctx, void *handle)

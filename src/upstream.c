@@ -485,9 +485,9 @@ struct am_upstream_req {
     char *auth_scope;          /* owned: scope of the token flow */
     struct am_challenge *chal; /* owned: the Bearer challenge being answered */
     struct origin next_org;
-    char *next_path; /* owned: redirect target */
-    uint64_t start_ns;  /* uv_hrtime() at am_upstream_request, for metrics */
-    int final_status;   /* the status delivered by on_head, 0 before */
+    char *next_path;   /* owned: redirect target */
+    uint64_t start_ns; /* uv_hrtime() at am_upstream_request, for metrics */
+    int final_status;  /* the status delivered by on_head, 0 before */
     unsigned redirects;
 };
 

@@ -45,9 +45,8 @@ enum am_blobflight_outcome {
  * HEAD and Range requests that no cached or in-flight copy can answer (the caller passes
  * them upstream), and anything when the store cannot take a new writer. */
 enum am_blobflight_outcome am_blobflights_serve(struct am_blobflights *bf,
-                                                struct am_http_exchange *ex,
-                                                struct am_upstream *up, const char *path,
-                                                const char *scope,
+                                                struct am_http_exchange *ex, struct am_upstream *up,
+                                                const char *path, const char *scope,
                                                 const struct am_digest *digest);
 
 /* Reads a small blob (at most max bytes) for an internal consumer (imageinfo's config
@@ -56,19 +55,18 @@ enum am_blobflight_outcome am_blobflights_serve(struct am_blobflights *bf,
  * the call, or cb(arg, err, NULL, 0); it never runs inside this call. Returns 0 with
  * *handle for am_blobflights_cancel_small, or an error (cb will not run). */
 typedef void (*am_blobflight_small_cb)(void *arg, int err, const char *bytes, size_t len);
-int am_blobflights_fetch_small(struct am_blobflights *bf, struct am_upstream *up,
-                               const char *path, const char *scope,
-                               const struct am_digest *digest, size_t max,
+int am_blobflights_fetch_small(struct am_blobflights *bf, struct am_upstream *up, const char *path,
+                               const char *scope, const struct am_digest *digest, size_t max,
                                am_blobflight_small_cb cb, void *arg, void **handle);
 /* cb will not run for handle. */
 void am_blobflights_cancel_small(struct am_blobflights *bf, void *handle);
 
 struct am_blobflight_stats {
-    uint64_t flights;  /* upstream fetches started */
-    uint64_t joined;   /* clients that joined a fetch in progress */
-    uint64_t hits;     /* clients served from the store */
-    uint64_t failed;   /* fetches that failed (upstream, digest, store) */
-    uint64_t active;   /* fetches running now */
+    uint64_t flights; /* upstream fetches started */
+    uint64_t joined;  /* clients that joined a fetch in progress */
+    uint64_t hits;    /* clients served from the store */
+    uint64_t failed;  /* fetches that failed (upstream, digest, store) */
+    uint64_t active;  /* fetches running now */
 };
 void am_blobflights_get_stats(const struct am_blobflights *bf, struct am_blobflight_stats *out);
 

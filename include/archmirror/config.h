@@ -61,9 +61,9 @@ struct am_config {
     uint64_t tag_freshness_ms;
     uint64_t max_manifest_bytes;
     uint64_t metastore_map_bytes;
-    uint64_t blob_max_bytes;      /* blob store budget */
-    uint64_t blob_high_pct;       /* eviction starts above this % of blob_max_bytes */
-    uint64_t blob_low_pct;        /* ... and frees down to this % */
+    uint64_t blob_max_bytes; /* blob store budget */
+    uint64_t blob_high_pct;  /* eviction starts above this % of blob_max_bytes */
+    uint64_t blob_low_pct;   /* ... and frees down to this % */
     uint64_t blobstore_map_bytes;
 
     /* admin side */

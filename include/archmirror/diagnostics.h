@@ -19,7 +19,7 @@
 #include "archmirror/http.h"
 #include "archmirror/manifest.h"
 
-#define AM_DIAG_NODE_MAX 4     /* X-Node-Platform values considered */
+#define AM_DIAG_NODE_MAX   4   /* X-Node-Platform values considered */
 #define AM_DIAG_REASON_MAX 240 /* bytes of the reason phrase, NUL excluded */
 
 /* The node platforms named by X-Node-Platform headers (each value may also be a comma

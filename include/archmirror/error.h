@@ -15,40 +15,39 @@
 struct am_buf;
 
 /* X(name, message, http status, OCI code) */
-#define AM_ERRORS(X)                                                                       \
-    X(NOMEM, "out of memory", 500, "UNKNOWN")                                              \
-    X(INVAL, "invalid argument", 400, "UNKNOWN")                                           \
-    X(BAD_REQUEST, "malformed request", 400, "UNKNOWN")                                    \
-    X(HEADERS_TOO_LARGE, "request header fields too large", 431, "UNKNOWN")                \
-    X(NAME_INVALID, "invalid repository name", 400, "NAME_INVALID")                        \
-    X(TAG_INVALID, "invalid tag", 400, "TAG_INVALID")                                      \
-    X(DIGEST_INVALID, "provided digest did not match uploaded content", 400,               \
-      "DIGEST_INVALID")                                                                    \
-    X(MANIFEST_UNKNOWN, "manifest unknown", 404, "MANIFEST_UNKNOWN")                       \
-    X(BLOB_UNKNOWN, "blob unknown to registry", 404, "BLOB_UNKNOWN")                       \
-    X(NAME_UNKNOWN, "repository name not known to registry", 404, "NAME_UNKNOWN")          \
-    X(NOT_FOUND, "not found", 404, "NOT_FOUND")                                          \
-    X(UNAUTHORIZED, "authentication required", 401, "UNAUTHORIZED")                       \
-    X(DENIED, "requested access to the resource is denied", 403, "DENIED")                 \
-    X(NS_DENIED, "registry is not an upstream of this mirror", 403, "DENIED")              \
-    X(TOOMANYREQUESTS, "too many requests", 429, "TOOMANYREQUESTS")                        \
-    X(UNSUPPORTED, "the operation is unsupported", 405, "UNSUPPORTED")                     \
-    X(RANGE, "requested range not satisfiable", 416, "UNKNOWN")                            \
-    X(TOO_LARGE, "content exceeds the configured size limit", 502, "SIZE_INVALID")         \
-    X(MANIFEST_INVALID, "manifest invalid", 502, "MANIFEST_INVALID")                       \
-    X(DIGEST_MISMATCH, "upstream content does not match its digest", 502, "DIGEST_INVALID") \
-    X(UPSTREAM, "upstream registry failed", 502, "UNAVAILABLE")                            \
-    X(UPSTREAM_CONNECT, "cannot connect to the upstream registry", 502, "UNAVAILABLE")     \
-    X(UPSTREAM_TLS, "TLS with the upstream registry failed", 502, "UNAVAILABLE")           \
-    X(UPSTREAM_TIMEOUT, "upstream registry timed out", 504, "UNAVAILABLE")                 \
-    X(UPSTREAM_PROTOCOL, "upstream registry sent an invalid response", 502, "UNAVAILABLE") \
-    X(REDIRECT, "upstream redirect refused", 502, "UNAVAILABLE")                           \
-    X(STORE, "cache store failed", 500, "UNKNOWN")                                         \
-    X(STORE_FULL, "cache store is full", 507, "UNKNOWN")                                   \
-    X(STORE_READONLY, "cache store is read-only", 500, "UNKNOWN")                          \
-    X(UNAVAILABLE, "service unavailable", 503, "UNAVAILABLE")                              \
-    X(CANCELED, "operation canceled", 499, "UNKNOWN")                                      \
-    X(IO, "I/O error", 500, "UNKNOWN")                                                     \
+#define AM_ERRORS(X)                                                                               \
+    X(NOMEM, "out of memory", 500, "UNKNOWN")                                                      \
+    X(INVAL, "invalid argument", 400, "UNKNOWN")                                                   \
+    X(BAD_REQUEST, "malformed request", 400, "UNKNOWN")                                            \
+    X(HEADERS_TOO_LARGE, "request header fields too large", 431, "UNKNOWN")                        \
+    X(NAME_INVALID, "invalid repository name", 400, "NAME_INVALID")                                \
+    X(TAG_INVALID, "invalid tag", 400, "TAG_INVALID")                                              \
+    X(DIGEST_INVALID, "provided digest did not match uploaded content", 400, "DIGEST_INVALID")     \
+    X(MANIFEST_UNKNOWN, "manifest unknown", 404, "MANIFEST_UNKNOWN")                               \
+    X(BLOB_UNKNOWN, "blob unknown to registry", 404, "BLOB_UNKNOWN")                               \
+    X(NAME_UNKNOWN, "repository name not known to registry", 404, "NAME_UNKNOWN")                  \
+    X(NOT_FOUND, "not found", 404, "NOT_FOUND")                                                    \
+    X(UNAUTHORIZED, "authentication required", 401, "UNAUTHORIZED")                                \
+    X(DENIED, "requested access to the resource is denied", 403, "DENIED")                         \
+    X(NS_DENIED, "registry is not an upstream of this mirror", 403, "DENIED")                      \
+    X(TOOMANYREQUESTS, "too many requests", 429, "TOOMANYREQUESTS")                                \
+    X(UNSUPPORTED, "the operation is unsupported", 405, "UNSUPPORTED")                             \
+    X(RANGE, "requested range not satisfiable", 416, "UNKNOWN")                                    \
+    X(TOO_LARGE, "content exceeds the configured size limit", 502, "SIZE_INVALID")                 \
+    X(MANIFEST_INVALID, "manifest invalid", 502, "MANIFEST_INVALID")                               \
+    X(DIGEST_MISMATCH, "upstream content does not match its digest", 502, "DIGEST_INVALID")        \
+    X(UPSTREAM, "upstream registry failed", 502, "UNAVAILABLE")                                    \
+    X(UPSTREAM_CONNECT, "cannot connect to the upstream registry", 502, "UNAVAILABLE")             \
+    X(UPSTREAM_TLS, "TLS with the upstream registry failed", 502, "UNAVAILABLE")                   \
+    X(UPSTREAM_TIMEOUT, "upstream registry timed out", 504, "UNAVAILABLE")                         \
+    X(UPSTREAM_PROTOCOL, "upstream registry sent an invalid response", 502, "UNAVAILABLE")         \
+    X(REDIRECT, "upstream redirect refused", 502, "UNAVAILABLE")                                   \
+    X(STORE, "cache store failed", 500, "UNKNOWN")                                                 \
+    X(STORE_FULL, "cache store is full", 507, "UNKNOWN")                                           \
+    X(STORE_READONLY, "cache store is read-only", 500, "UNKNOWN")                                  \
+    X(UNAVAILABLE, "service unavailable", 503, "UNAVAILABLE")                                      \
+    X(CANCELED, "operation canceled", 499, "UNKNOWN")                                              \
+    X(IO, "I/O error", 500, "UNKNOWN")                                                             \
     X(CONFIG, "invalid configuration", 500, "UNKNOWN")
 
 enum am_err {

@@ -35,7 +35,6 @@ int am_http_parse_u64(const char *s, size_t len, uint64_t *out);
  * exclusive, clamped to size), AM_ERANGE when the range cannot be satisfied (answer 416),
  * or AM_EINVAL when the value is malformed or asks for several ranges (RFC 9110 §14.2:
  * the server then ignores it and sends the whole representation). */
-int am_http_parse_range(const char *s, size_t len, uint64_t size, uint64_t *start,
-                        uint64_t *end);
+int am_http_parse_range(const char *s, size_t len, uint64_t size, uint64_t *start, uint64_t *end);
 
 #endif

@@ -25,17 +25,17 @@ struct am_httpserver;
 struct am_http_exchange;
 
 struct am_http_request {
-    uint64_t conn_id;    /* for log context: "c<conn_id> r<id>" */
+    uint64_t conn_id; /* for log context: "c<conn_id> r<id>" */
     uint64_t id;
-    const char *method;  /* "GET", "HEAD", … NUL-terminated */
+    const char *method; /* "GET", "HEAD", … NUL-terminated */
     bool is_head;
-    const char *path;    /* raw request-target up to '?', NUL-terminated, not decoded */
+    const char *path; /* raw request-target up to '?', NUL-terminated, not decoded */
     size_t path_len;
-    const char *query;   /* after '?', NUL-terminated, "" when absent */
+    const char *query; /* after '?', NUL-terminated, "" when absent */
     size_t query_len;
     const struct am_http_header *headers;
     size_t n_headers;
-    const char *peer;    /* "127.0.0.1:41234" or "[::1]:41234" */
+    const char *peer; /* "127.0.0.1:41234" or "[::1]:41234" */
 };
 
 /* Longest request body the server accepts; a longer one gets 413 and the connection
@@ -70,8 +70,7 @@ int am_httpserver_new(uv_loop_t *loop, const struct am_httpserver_opts *opts,
                       am_http_handler_fn handler, void *ctx, struct am_httpserver **out);
 /* Binds and listens on "host:port" / "[v6]:port" (port 0 = ephemeral). Returns 0, or
  * AM_EINVAL (unparseable), AM_EIO with msg "address already in use …" etc. */
-int am_httpserver_listen(struct am_httpserver *srv, const char *hostport, char *msg,
-                         size_t msglen);
+int am_httpserver_listen(struct am_httpserver *srv, const char *hostport, char *msg, size_t msglen);
 /* The port actually bound by the i-th successful listen (for port 0). */
 int am_httpserver_port(const struct am_httpserver *srv, size_t i);
 /* Stops accepting, closes idle connections, lets active exchanges finish for
@@ -111,13 +110,11 @@ void am_http_set_callbacks(struct am_http_exchange *ex, void (*on_drain)(void *a
  * Content-Length still says len. hdrs are copied. Ends the exchange. Returns 0 or an
  * error (the exchange has ended either way). */
 int am_http_respond(struct am_http_exchange *ex, int status, const char *reason,
-                    const struct am_http_header *hdrs, size_t n_hdrs, const void *body,
-                    size_t len);
+                    const struct am_http_header *hdrs, size_t n_hdrs, const void *body, size_t len);
 /* An OCI error response for err (status and code from the error table), message may be
  * NULL. reason NULL → standard phrase. Ends the exchange. */
 int am_http_respond_error(struct am_http_exchange *ex, int err, const char *reason,
-                          const char *message, const struct am_http_header *hdrs,
-                          size_t n_hdrs);
+                          const char *message, const struct am_http_header *hdrs, size_t n_hdrs);
 
 /* Streaming: start with a known content_length (>= 0). For HEAD, start then end.
  * Writes copy their data. The total written must equal content_length before end;

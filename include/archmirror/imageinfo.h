@@ -35,10 +35,10 @@
 #include "archmirror/upstream.h"
 
 /* Limits, in one place. */
-#define AM_IMAGEINFO_PLATFORMS_MAX 64          /* platforms reported per image */
-#define AM_IMAGEINFO_CONFIG_MAX    (1u << 20)  /* bytes of a config blob fetched */
-#define AM_IMAGEINFO_LRU_IMAGES    4096        /* parsed platform lists kept in memory */
-#define AM_IMAGEINFO_LRU_CHILDREN  32768       /* child manifest → platform mappings kept */
+#define AM_IMAGEINFO_PLATFORMS_MAX 64         /* platforms reported per image */
+#define AM_IMAGEINFO_CONFIG_MAX    (1u << 20) /* bytes of a config blob fetched */
+#define AM_IMAGEINFO_LRU_IMAGES    4096       /* parsed platform lists kept in memory */
+#define AM_IMAGEINFO_LRU_CHILDREN  32768      /* child manifest → platform mappings kept */
 
 struct am_imageinfo;
 struct am_imageinfo_waiter;
@@ -74,29 +74,29 @@ int am_imageinfo_new(uv_loop_t *loop, const struct am_config *cfg, struct am_met
 void am_imageinfo_free(struct am_imageinfo *ii);
 
 struct am_imageinfo_query {
-    size_t up_idx;                  /* index into cfg->upstreams */
-    const char *repo;               /* repository as the upstream names it, "library/nginx" */
-    const char *tag;                /* exactly one of tag and digest */
+    size_t up_idx;    /* index into cfg->upstreams */
+    const char *repo; /* repository as the upstream names it, "library/nginx" */
+    const char *tag;  /* exactly one of tag and digest */
     const struct am_digest *digest;
-    const char *log_ctx;            /* "c1 r2", for log lines; may be NULL */
+    const char *log_ctx; /* "c1 r2", for log lines; may be NULL */
 };
 
 /* What a query found. Every pointer is a view valid only during the callback. */
 struct am_imageinfo_result {
-    int err;                  /* 0, or the AM_E* to report (AM_EMANIFEST_UNKNOWN,
-                               * AM_EUNAUTHORIZED, AM_ETOOMANYREQUESTS, AM_EBLOB_UNKNOWN
-                               * (config blob missing), AM_EDIGEST_MISMATCH,
-                               * AM_EMANIFEST_INVALID (also: config without a platform),
-                               * AM_ETOO_LARGE, AM_EUPSTREAM*, AM_ECANCELED, AM_ENOMEM…) */
-    const char *message;      /* with err: a one-line reason, or NULL */
-    const char *retry_after;  /* with AM_ETOOMANYREQUESTS: the upstream's value, or "" */
+    int err;                 /* 0, or the AM_E* to report (AM_EMANIFEST_UNKNOWN,
+                              * AM_EUNAUTHORIZED, AM_ETOOMANYREQUESTS, AM_EBLOB_UNKNOWN
+                              * (config blob missing), AM_EDIGEST_MISMATCH,
+                              * AM_EMANIFEST_INVALID (also: config without a platform),
+                              * AM_ETOO_LARGE, AM_EUPSTREAM*, AM_ECANCELED, AM_ENOMEM…) */
+    const char *message;     /* with err: a one-line reason, or NULL */
+    const char *retry_after; /* with AM_ETOOMANYREQUESTS: the upstream's value, or "" */
     const struct am_imageinfo_image *image; /* NULL with err */
-    const char *cache_state;  /* the top manifest's (manifests.h): "hit", "miss", "stale",
-                               * "revalidated"; "" with err */
-    bool from_upstream;       /* the upstream was asked: manifest, tag HEAD or config blob */
-    uint64_t checked_at_ms;   /* wall clock, ms since the epoch: by tag, when the tag was
-                               * last checked upstream (the metastore's fetched_at, or now);
-                               * by digest (immutable content), now */
+    const char *cache_state; /* the top manifest's (manifests.h): "hit", "miss", "stale",
+                              * "revalidated"; "" with err */
+    bool from_upstream;      /* the upstream was asked: manifest, tag HEAD or config blob */
+    uint64_t checked_at_ms;  /* wall clock, ms since the epoch: by tag, when the tag was
+                              * last checked upstream (the metastore's fetched_at, or now);
+                              * by digest (immutable content), now */
 };
 
 typedef void (*am_imageinfo_cb)(void *arg, const struct am_imageinfo_result *r);
@@ -121,8 +121,7 @@ void am_imageinfo_cancel(struct am_imageinfo_waiter *w);
  * read), AM_EINVAL (bad arguments), AM_EMANIFEST_INVALID (stored bytes that do not
  * parse), AM_ENOMEM or a metastore read error. out is written only on success. */
 int am_imageinfo_lookup_cached(struct am_imageinfo *ii, size_t up_idx, const char *repo,
-                               const struct am_digest *top_digest,
-                               struct am_imageinfo_image *out);
+                               const struct am_digest *top_digest, struct am_imageinfo_image *out);
 
 /* Tells the module about index bytes the /v2 API is serving for (up_idx, repo), so that
  * later requests for its children can be attributed (am_imageinfo_child_platform).
@@ -140,8 +139,8 @@ int am_imageinfo_note_index(struct am_imageinfo *ii, size_t up_idx, const char *
  * (normalised) and, when index is not NULL, the digest of that index; AM_ENOT_FOUND
  * otherwise (also for evicted mappings: the map keeps AM_IMAGEINFO_LRU_CHILDREN). */
 int am_imageinfo_child_platform(struct am_imageinfo *ii, size_t up_idx, const char *repo,
-                                const struct am_digest *child_digest,
-                                struct am_platform *platform, struct am_digest *index);
+                                const struct am_digest *child_digest, struct am_platform *platform,
+                                struct am_digest *index);
 
 /* A source of small blobs (configs) other than a plain upstream GET: the registry plugs
  * in the blob cache, so the config that imageinfo reads and the one the pulling node

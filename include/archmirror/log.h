@@ -19,13 +19,13 @@ int am_log_parse_level(const char *s, enum am_log_level *out);
 void am_log_write(enum am_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
-#define AM_LOG_(lvl, ...)                                                                  \
-    do {                                                                                   \
-        if ((lvl) <= am_log_current_level) am_log_write((lvl), __VA_ARGS__);               \
+#define AM_LOG_(lvl, ...)                                                                          \
+    do {                                                                                           \
+        if ((lvl) <= am_log_current_level) am_log_write((lvl), __VA_ARGS__);                       \
     } while (0)
 #define AM_ERROR(...) AM_LOG_(AM_LOG_ERROR, __VA_ARGS__)
-#define AM_WARN(...) AM_LOG_(AM_LOG_WARN, __VA_ARGS__)
-#define AM_INFO(...) AM_LOG_(AM_LOG_INFO, __VA_ARGS__)
+#define AM_WARN(...)  AM_LOG_(AM_LOG_WARN, __VA_ARGS__)
+#define AM_INFO(...)  AM_LOG_(AM_LOG_INFO, __VA_ARGS__)
 #define AM_DEBUG(...) AM_LOG_(AM_LOG_DEBUG, __VA_ARGS__)
 
 #endif

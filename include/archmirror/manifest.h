@@ -16,7 +16,7 @@
 #include "archmirror/digest.h"
 #include "archmirror/mediatype.h"
 
-#define AM_MEDIATYPE_MAX 255
+#define AM_MEDIATYPE_MAX      255
 #define AM_PLATFORM_FIELD_MAX 63
 
 struct am_platform {
@@ -41,8 +41,8 @@ struct am_manifest {
     char media_type[AM_MEDIATYPE_MAX + 1];
     int schema_version;
     bool has_config;
-    struct am_descriptor config;      /* manifests only */
-    struct am_descriptor *entries;    /* owned: index → manifests[], manifest → layers[] */
+    struct am_descriptor config;   /* manifests only */
+    struct am_descriptor *entries; /* owned: index → manifests[], manifest → layers[] */
     size_t n_entries;
 };
 

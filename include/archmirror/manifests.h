@@ -35,12 +35,12 @@ int am_manifests_new(const struct am_config *cfg, struct am_metastore *ms,
 void am_manifests_free(struct am_manifests *mf);
 
 struct am_manifests_query {
-    size_t up_idx;                 /* index into cfg->upstreams */
-    const char *repo;              /* repository as the upstream names it */
-    const char *tag;               /* exactly one of tag and digest */
+    size_t up_idx;    /* index into cfg->upstreams */
+    const char *repo; /* repository as the upstream names it */
+    const char *tag;  /* exactly one of tag and digest */
     const struct am_digest *digest;
-    bool need_body;                /* false: a HEAD; digest, type and size suffice */
-    const char *log_ctx;           /* "c1 r2", for log lines; may be NULL */
+    bool need_body;      /* false: a HEAD; digest, type and size suffice */
+    const char *log_ctx; /* "c1 r2", for log lines; may be NULL */
 };
 
 /* What a query resolved to. Every pointer is a view valid only during the callback. */
@@ -68,10 +68,10 @@ int am_manifests_get(struct am_manifests *mf, const struct am_manifests_query *q
 void am_manifests_cancel(struct am_manifests_waiter *w);
 
 struct am_manifests_stats {
-    uint64_t hits;        /* answered from the metastore */
-    uint64_t upstream;    /* upstream requests started */
-    uint64_t coalesced;   /* queries that joined a request in progress */
-    uint64_t stale;       /* answered stale after an upstream failure */
+    uint64_t hits;      /* answered from the metastore */
+    uint64_t upstream;  /* upstream requests started */
+    uint64_t coalesced; /* queries that joined a request in progress */
+    uint64_t stale;     /* answered stale after an upstream failure */
 };
 void am_manifests_get_stats(const struct am_manifests *mf, struct am_manifests_stats *out);
 

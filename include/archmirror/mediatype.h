@@ -12,16 +12,16 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#define AM_MT_OCI_MANIFEST_S "application/vnd.oci.image.manifest.v1+json"
-#define AM_MT_OCI_INDEX_S "application/vnd.oci.image.index.v1+json"
-#define AM_MT_DOCKER_MANIFEST_S "application/vnd.docker.distribution.manifest.v2+json"
-#define AM_MT_DOCKER_LIST_S "application/vnd.docker.distribution.manifest.list.v2+json"
-#define AM_MT_DOCKER_V1_S "application/vnd.docker.distribution.manifest.v1+json"
+#define AM_MT_OCI_MANIFEST_S     "application/vnd.oci.image.manifest.v1+json"
+#define AM_MT_OCI_INDEX_S        "application/vnd.oci.image.index.v1+json"
+#define AM_MT_DOCKER_MANIFEST_S  "application/vnd.docker.distribution.manifest.v2+json"
+#define AM_MT_DOCKER_LIST_S      "application/vnd.docker.distribution.manifest.list.v2+json"
+#define AM_MT_DOCKER_V1_S        "application/vnd.docker.distribution.manifest.v1+json"
 #define AM_MT_DOCKER_V1_SIGNED_S "application/vnd.docker.distribution.manifest.v1+prettyjws"
 
 /* What archmirror sends upstream on every manifest request. */
-#define AM_MEDIATYPE_ACCEPT_ALL                                                            \
-    AM_MT_OCI_INDEX_S ", " AM_MT_OCI_MANIFEST_S ", " AM_MT_DOCKER_LIST_S                   \
+#define AM_MEDIATYPE_ACCEPT_ALL                                                                    \
+    AM_MT_OCI_INDEX_S ", " AM_MT_OCI_MANIFEST_S ", " AM_MT_DOCKER_LIST_S                           \
                       ", " AM_MT_DOCKER_MANIFEST_S
 
 enum am_media_kind {

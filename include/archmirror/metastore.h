@@ -112,8 +112,8 @@ int am_metastore_get_platform(struct am_metastore *ms, const char *upstream, con
 /* Write, as the other puts (queued, batched, cb with the commit's status); AM_EINVAL also
  * for a field that is too long or not printable ASCII, or an invalid config digest. */
 int am_metastore_put_platform(struct am_metastore *ms, const char *upstream, const char *repo,
-                              const struct am_digest *manifest,
-                              const struct am_platform_rec *rec, am_metastore_cb cb, void *arg);
+                              const struct am_digest *manifest, const struct am_platform_rec *rec,
+                              am_metastore_cb cb, void *arg);
 
 /* Milliseconds since the epoch (wall clock), the unit of fetched_at_ms. */
 uint64_t am_metastore_now_ms(void);

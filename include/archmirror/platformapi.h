@@ -90,15 +90,14 @@ struct am_platformapi_error {
 
 /* What an image reference resolves to. */
 struct am_platformapi_target {
-    size_t up_idx;                  /* index into cfg->upstreams */
-    struct am_reference ref;        /* registry (the upstream's name), repository, tag… */
+    size_t up_idx;           /* index into cfg->upstreams */
+    struct am_reference ref; /* registry (the upstream's name), repository, tag… */
 };
 
 /* Parses an image reference s[0..len) and picks its upstream. Returns 0, or -1 with *err
  * filled (REFERENCE_INVALID 400, REGISTRY_UNKNOWN 403). */
 int am_platformapi_parse_image(const struct am_config *cfg, const char *s, size_t len,
-                               struct am_platformapi_target *out,
-                               struct am_platformapi_error *err);
+                               struct am_platformapi_target *out, struct am_platformapi_error *err);
 
 /* The value of the one query parameter `name` in query[0..len) ("a=1&image=x%2Fy"),
  * %XX- and '+'-decoded into out (NUL-terminated). Returns 0, AM_ENOT_FOUND (absent),
@@ -109,7 +108,7 @@ int am_platformapi_query_param(const char *query, size_t len, const char *name, 
 
 /* A batch request's body, parsed. */
 struct am_platformapi_batch {
-    char **images;  /* owned: distinct image strings in first-seen order */
+    char **images; /* owned: distinct image strings in first-seen order */
     size_t n_images;
     struct am_platform require[AM_PLATFORMAPI_MAX_REQUIRE]; /* normalised, distinct */
     size_t n_require;

@@ -23,8 +23,8 @@
 #include "archmirror/manifest.h"
 #include "archmirror/pulllog.h"
 
-#define AM_PULLTRACK_NODES 4096        /* (node, repository) pairs remembered */
-#define AM_PULLTRACK_TTL_MS (600000u)  /* a resolution older than this is forgotten */
+#define AM_PULLTRACK_NODES  4096      /* (node, repository) pairs remembered */
+#define AM_PULLTRACK_TTL_MS (600000u) /* a resolution older than this is forgotten */
 
 struct am_pulltrack;
 
@@ -35,15 +35,15 @@ int am_pulltrack_new(const struct am_config *cfg, struct am_imageinfo *ii, struc
 void am_pulltrack_free(struct am_pulltrack *pt);
 
 struct am_pulltrack_event {
-    const char *peer;                  /* client address "ip:port" */
-    const struct am_platform *node;    /* X-Node-Platform values, may be empty */
+    const char *peer;               /* client address "ip:port" */
+    const struct am_platform *node; /* X-Node-Platform values, may be empty */
     size_t n_node;
     size_t up_idx;
-    const char *repo;                  /* as the upstream names it */
-    const char *tag;                   /* the request's tag, or NULL (by digest) */
-    const char *media_type;            /* of the manifest served */
-    const struct am_digest *digest;    /* of the manifest served */
-    const char *bytes;                 /* its bytes, or NULL for a HEAD */
+    const char *repo;               /* as the upstream names it */
+    const char *tag;                /* the request's tag, or NULL (by digest) */
+    const char *media_type;         /* of the manifest served */
+    const struct am_digest *digest; /* of the manifest served */
+    const char *bytes;              /* its bytes, or NULL for a HEAD */
     uint64_t size;
     bool cache_hit;
 };

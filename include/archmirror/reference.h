@@ -16,8 +16,8 @@
 
 #include "archmirror/digest.h"
 
-#define AM_NAME_MAX 255     /* distribution's limit for a repository name */
-#define AM_TAG_MAX 128
+#define AM_NAME_MAX     255 /* distribution's limit for a repository name */
+#define AM_TAG_MAX      128
 #define AM_REGISTRY_MAX 255 /* host[:port] */
 
 /* Each returns 0 or AM_ENAME_INVALID / AM_ETAG_INVALID / AM_EINVAL (registry). */
@@ -28,9 +28,9 @@ int am_reference_validate_tag(const char *s, size_t len);
 int am_reference_validate_registry(const char *s, size_t len);
 
 struct am_reference {
-    char registry[AM_REGISTRY_MAX + 1];   /* "docker.io" when absent */
-    char repository[AM_NAME_MAX + 1];     /* "library/nginx" for "nginx" on docker.io */
-    char tag[AM_TAG_MAX + 1];             /* "" when absent (and has_tag false) */
+    char registry[AM_REGISTRY_MAX + 1]; /* "docker.io" when absent */
+    char repository[AM_NAME_MAX + 1];   /* "library/nginx" for "nginx" on docker.io */
+    char tag[AM_TAG_MAX + 1];           /* "" when absent (and has_tag false) */
     bool has_tag;
     bool has_digest;
     struct am_digest digest;

@@ -28,8 +28,9 @@ struct am_pulllog;
 struct am_registry;
 
 /* cfg, ms, bs and pl are borrowed and must outlive the registry; bs may be NULL (blobs
- * are then only streamed through), pl may be NULL (no pull log). Creates one upstream client per configured upstream.
- * Returns 0 with *out owned (am_registry_free), or an error with msg filled. */
+ * are then only streamed through), pl may be NULL (no pull log). Creates one upstream client per
+ * configured upstream. Returns 0 with *out owned (am_registry_free), or an error with msg filled.
+ */
 int am_registry_new(uv_loop_t *loop, const struct am_config *cfg, struct am_metastore *ms,
                     struct am_blobstore *bs, struct am_pulllog *pl, struct am_registry **out,
                     char *msg, size_t msglen);

@@ -22,7 +22,6 @@ struct am_challenge {
 
 /* Parses one header value into up to max challenges; *n gets the count. Unknown
  * parameters are skipped; an over-long value fails. Returns 0 or AM_EUPSTREAM_PROTOCOL. */
-int am_wwwauth_parse(const char *s, size_t len, struct am_challenge *out, size_t max,
-                     size_t *n);
+int am_wwwauth_parse(const char *s, size_t len, struct am_challenge *out, size_t max, size_t *n);
 
 #endif

@@ -101,7 +101,10 @@ static void respond(struct am_http_exchange *ex)
         /* Streams fewer bytes than announced: the server must abort, not end. */
         if (am_http_start(ex, 200, "Blob Coming", hdrs, 2, 100) == 0) {
             if (!r->is_head) am_http_write(ex, "short", 5);
-            if (r->is_head) am_http_end(ex); else am_http_abort(ex);
+            if (r->is_head)
+                am_http_end(ex);
+            else
+                am_http_abort(ex);
         }
         break;
     case AM_ROUTE_UPLOAD: am_http_respond_error(ex, AM_EUNSUPPORTED, NULL, NULL, NULL, 0); break;
@@ -139,7 +142,8 @@ static void handler(void *ctx, struct am_http_exchange *ex)
         if (!skip_known) FUZZ_CHECK(h->name_len > 0);
         for (size_t k = 0; k < h->name_len && !skip_known; k++)
             FUZZ_CHECK(h->name[k] != ':' && h->name[k] > ' ');
-        for (size_t k = 0; k < h->value_len; k++) FUZZ_CHECK(h->value[k] != '\r' && h->value[k] != '\n');
+        for (size_t k = 0; k < h->value_len; k++)
+            FUZZ_CHECK(h->value[k] != '\r' && h->value[k] != '\n');
         if (h->value_len) {
             FUZZ_CHECK(h->value[0] != ' ' && h->value[0] != '\t');
             FUZZ_CHECK(h->value[h->value_len - 1] != ' ' && h->value[h->value_len - 1] != '\t');
@@ -233,7 +237,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (skip_known) {
         for (size_t i = 0; i + 7 <= size; i++) {
             size_t k = 0;
-            while (k < 7 && (data[i + k] | 0x20) == (uint8_t)"chunked"[k]) k++;
+            while (k < 7 && (data[i + k] | 0x20) == (uint8_t) "chunked"[k]) k++;
             if (k == 7) return 0;
         }
     }
@@ -258,7 +262,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uv_ip4_addr("127.0.0.1", port, &sa);
     uv_tcp_init(&loop, &c.tcp);
     c.tcp.data = c.creq.data = &c;
-    FUZZ_CHECK(uv_tcp_connect(&c.creq, &c.tcp, (const struct sockaddr *)&sa, on_client_connect) == 0);
+    FUZZ_CHECK(uv_tcp_connect(&c.creq, &c.tcp, (const struct sockaddr *)&sa, on_client_connect) ==
+               0);
     while (!c.closed) uv_run(&loop, UV_RUN_ONCE);
 
     bool drained = false;

@@ -11,9 +11,9 @@
 #include "fuzz.h"
 
 static const char *const types[] = {
-    AM_MT_OCI_MANIFEST_S, AM_MT_OCI_INDEX_S,  AM_MT_DOCKER_MANIFEST_S,
-    AM_MT_DOCKER_LIST_S,  AM_MT_DOCKER_V1_S,  AM_MT_DOCKER_V1_SIGNED_S,
-    "application/json",   "text/plain",       "",
+    AM_MT_OCI_MANIFEST_S, AM_MT_OCI_INDEX_S, AM_MT_DOCKER_MANIFEST_S,
+    AM_MT_DOCKER_LIST_S,  AM_MT_DOCKER_V1_S, AM_MT_DOCKER_V1_SIGNED_S,
+    "application/json",   "text/plain",      "",
 };
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

@@ -23,8 +23,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     memset(&r, 0, sizeof r);
     int rc = am_route_parse(s, plen, query, qlen, &r, msg, sizeof msg);
     if (rc) {
-        FUZZ_CHECK(rc == AM_ENAME_INVALID || rc == AM_ETAG_INVALID ||
-                   rc == AM_EDIGEST_INVALID || rc == AM_EBAD_REQUEST);
+        FUZZ_CHECK(rc == AM_ENAME_INVALID || rc == AM_ETAG_INVALID || rc == AM_EDIGEST_INVALID ||
+                   rc == AM_EBAD_REQUEST);
         FUZZ_CHECK(strnlen(msg, sizeof msg) < sizeof msg);
         return 0;
     }

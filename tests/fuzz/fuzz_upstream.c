@@ -41,8 +41,8 @@
 #include "archmirror/upstream.h"
 #include "fuzz.h"
 
-#define SEP "~~next~~\n"
-#define MAX_SEGS 8
+#define SEP          "~~next~~\n"
+#define MAX_SEGS     8
 #define DEFAULT_PORT 18473
 
 /* --- hermetic name resolution ---------------------------------------------------------- */
@@ -318,7 +318,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct am_upstream_request_opts ro = {
         .method = (flags & 1) ? "HEAD" : "GET",
         .path = "/v2/library/alpine/manifests/3.20",
-        .accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json",
+        .accept =
+            "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json",
         .range = (flags & 8) ? "bytes=0-1023" : NULL,
         .scope = (flags & 4) ? "repository:library/alpine:pull" : NULL,
     };

@@ -273,8 +273,9 @@ static void reads_the_diagnostics_mode_and_the_pull_log_section(void **state)
 {
     struct am_config cfg;
     struct am_config_report r;
-    assert_int_equal(load(&cfg, "{\"diagnostics\": \"enforce\", \"pull_log\": "
-                                "{\"dir\": \"/tmp/p\", \"keep_files\": 3}}",
+    assert_int_equal(load(&cfg,
+                          "{\"diagnostics\": \"enforce\", \"pull_log\": "
+                          "{\"dir\": \"/tmp/p\", \"keep_files\": 3}}",
                           &r),
                      0);
     assert_int_equal(cfg.diagnostics, AM_DIAG_ENFORCE);

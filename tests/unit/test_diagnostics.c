@@ -19,13 +19,13 @@ static struct am_platform plat(const char *s)
     return p;
 }
 
-static struct am_http_header H(const char *n, const char *v)
-{
+static struct am_http_header H(const char *n, const char *v) {
     struct am_http_header h = {n, strlen(n), v, strlen(v)};
     return h;
 }
 
-static void reads_repeated_and_comma_separated_node_platform_headers(void **state)
+static void
+reads_repeated_and_comma_separated_node_platform_headers(void **state)
 {
     struct am_http_header h[] = {H("Accept", "*/*"), H("X-Node-Platform", "linux/arm64"),
                                  H("x-node-platform", " linux/arm/v7 , bogus//x")};

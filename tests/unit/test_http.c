@@ -58,9 +58,12 @@ static void reports_unsatisfiable_ranges(void **state)
 static void ignores_malformed_or_multiple_ranges(void **state)
 {
     uint64_t a, b;
-    const char *bad[] = {"",          "bytes",         "bytes=",      "bytes=-",
-                         "bytes=5-1", "bytes=0-1,5-9", "items=0-1",   "bytes=a-",
-                         "bytes=1-x", "bytes=99999999999999999999-", "bytes=0--1"};
+    const char *bad[] = {"",          "bytes",
+                         "bytes=",    "bytes=-",
+                         "bytes=5-1", "bytes=0-1,5-9",
+                         "items=0-1", "bytes=a-",
+                         "bytes=1-x", "bytes=99999999999999999999-",
+                         "bytes=0--1"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         assert_int_equal(range(bad[i], 1000, &a, &b), AM_EINVAL);
 }

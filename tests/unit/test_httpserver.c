@@ -1181,7 +1181,8 @@ static void c_endless_trailers(struct fx *f)
     if (!raw) return;
     len += (size_t)sprintf(raw, "POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
                                 "\r\n0\r\n");
-    for (int i = 0; len < cap - 64; i++) len += (size_t)sprintf(raw + len, "X-T%d: %040d\r\n", i, i);
+    for (int i = 0; len < cap - 64; i++)
+        len += (size_t)sprintf(raw + len, "X-T%d: %040d\r\n", i, i);
     cli_send_n(&c, raw, len);
     free(raw);
     f->rc[0] = cli_response(&c, false, &f->r[0]);

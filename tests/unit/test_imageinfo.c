@@ -32,7 +32,7 @@
 #include "archmirror/metastore.h"
 #include "archmirror/platform.h"
 
-#define UP "example.com"
+#define UP   "example.com"
 #define REPO "library/multi"
 
 struct fx {
@@ -137,15 +137,14 @@ static void add_entry(struct am_buf *b, const char *seed, const char *platform_j
 {
     struct am_digest d;
     digest_of_str(seed, &d);
-    assert_int_equal(am_buf_appendf(b,
-                                    "%s{\"mediaType\":\"" AM_MT_OCI_MANIFEST_S
-                                    "\",\"digest\":\"%s\",\"size\":%zu%s%s%s%s}",
-                                    b->len && b->data[b->len - 1] != '[' ? "," : "", d.str,
-                                    strlen(seed) + 100, platform_json ? ",\"platform\":" : "",
-                                    platform_json ? platform_json : "",
-                                    annotations ? ",\"annotations\":" : "",
-                                    annotations ? annotations : ""),
-                     0);
+    assert_int_equal(
+        am_buf_appendf(b,
+                       "%s{\"mediaType\":\"" AM_MT_OCI_MANIFEST_S
+                       "\",\"digest\":\"%s\",\"size\":%zu%s%s%s%s}",
+                       b->len && b->data[b->len - 1] != '[' ? "," : "", d.str, strlen(seed) + 100,
+                       platform_json ? ",\"platform\":" : "", platform_json ? platform_json : "",
+                       annotations ? ",\"annotations\":" : "", annotations ? annotations : ""),
+        0);
 }
 
 /* OCI index: amd64, arm64/v8, arm (→ v7), a buildx attestation, a nested index without a
@@ -158,7 +157,8 @@ static char *standard_index(void)
                                            "\",\"manifests\":["),
                      0);
     add_entry(&b, "amd64", "{\"os\":\"linux\",\"architecture\":\"amd64\"}", NULL);
-    add_entry(&b, "arm64", "{\"os\":\"linux\",\"architecture\":\"arm64\",\"variant\":\"v8\"}", NULL);
+    add_entry(&b, "arm64", "{\"os\":\"linux\",\"architecture\":\"arm64\",\"variant\":\"v8\"}",
+              NULL);
     add_entry(&b, "arm", "{\"os\":\"linux\",\"architecture\":\"arm\"}", NULL);
     add_entry(&b, "att", "{\"os\":\"unknown\",\"architecture\":\"unknown\"}",
               "{\"vnd.docker.reference.type\":\"attestation-manifest\"}");
@@ -228,9 +228,8 @@ static void a_noted_index_lists_its_platforms_without_attestations_or_unknowns(v
     digest_of_str(idx, &d);
 
     assert_int_equal(am_imageinfo_lookup_cached(f->ii, 0, REPO, &d, &img), AM_ENOT_FOUND);
-    assert_int_equal(am_imageinfo_note_index(f->ii, 0, REPO, NULL, AM_MT_OCI_INDEX_S, idx,
-                                             strlen(idx)),
-                     0);
+    assert_int_equal(
+        am_imageinfo_note_index(f->ii, 0, REPO, NULL, AM_MT_OCI_INDEX_S, idx, strlen(idx)), 0);
     memset(&img, 0, sizeof img);
     assert_int_equal(am_imageinfo_lookup_cached(f->ii, 0, REPO, &d, &img), 0);
     assert_standard_platforms(&img);
@@ -267,16 +266,13 @@ static void children_of_a_noted_index_map_to_their_platforms_per_repository(void
 
     /* Not children anyone pulls for a platform, or not of this repository/upstream. */
     digest_of_str("att", &child);
-    assert_int_equal(am_imageinfo_child_platform(f->ii, 0, REPO, &child, &p, NULL),
-                     AM_ENOT_FOUND);
+    assert_int_equal(am_imageinfo_child_platform(f->ii, 0, REPO, &child, &p, NULL), AM_ENOT_FOUND);
     digest_of_str("unknown", &child);
-    assert_int_equal(am_imageinfo_child_platform(f->ii, 0, REPO, &child, &p, NULL),
-                     AM_ENOT_FOUND);
+    assert_int_equal(am_imageinfo_child_platform(f->ii, 0, REPO, &child, &p, NULL), AM_ENOT_FOUND);
     digest_of_str("amd64", &child);
     assert_int_equal(am_imageinfo_child_platform(f->ii, 0, "library/other", &child, &p, NULL),
                      AM_ENOT_FOUND);
-    assert_int_equal(am_imageinfo_child_platform(f->ii, 1, REPO, &child, &p, NULL),
-                     AM_ENOT_FOUND);
+    assert_int_equal(am_imageinfo_child_platform(f->ii, 1, REPO, &child, &p, NULL), AM_ENOT_FOUND);
     assert_int_equal(am_imageinfo_child_platform(f->ii, 7, REPO, &child, &p, NULL), AM_EINVAL);
     free(idx);
 }
@@ -523,9 +519,8 @@ static void make_upstream(struct fx *f)
 {
     char msg[256];
     struct am_upstream_opts o = {.connect_timeout_ms = 1000};
-    assert_int_equal(am_upstream_new(&f->loop, &f->cfg.upstreams[0], &o, &f->ups[0], msg,
-                                     sizeof msg),
-                     0);
+    assert_int_equal(
+        am_upstream_new(&f->loop, &f->cfg.upstreams[0], &o, &f->ups[0], msg, sizeof msg), 0);
 }
 
 static void a_cancelled_query_never_calls_back(void **state)

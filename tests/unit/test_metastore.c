@@ -244,11 +244,13 @@ static void reads_its_own_writes_before_they_are_committed(void **state)
     open_store(f, 0);
 
     /* Nothing has been committed yet: the loop has not run. */
-    assert_int_equal(am_metastore_put_tag(f->ms, "docker.io", "library/x", "1", &first, on_put, &c1), 0);
-    assert_int_equal(am_metastore_put_tag(f->ms, "docker.io", "library/x", "1", &second, on_put, &c2), 0);
+    assert_int_equal(
+        am_metastore_put_tag(f->ms, "docker.io", "library/x", "1", &first, on_put, &c1), 0);
+    assert_int_equal(
+        am_metastore_put_tag(f->ms, "docker.io", "library/x", "1", &second, on_put, &c2), 0);
     assert_int_equal(am_metastore_put_manifest(f->ms, "docker.io", "library/x", &d,
-                                               AM_MT_OCI_MANIFEST_S, body, sizeof body - 1,
-                                               on_put, &c3),
+                                               AM_MT_OCI_MANIFEST_S, body, sizeof body - 1, on_put,
+                                               &c3),
                      0);
     assert_int_equal(c1.calls + c2.calls + c3.calls, 0);
     assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", "library/x", "1", &out), 0);
@@ -720,16 +722,17 @@ static void evicts_the_oldest_manifests_when_the_map_fills(void **state)
         memset(body, 'a' + i % 26, LEN);
         snprintf(body, 32, "{\"n\":%d}", i);
         am_digest_of(AM_DIGEST_SHA256, body, LEN, &d[i]);
-        assert_int_equal(put_manifest_now(f, "docker.io", "library/e", &d[i],
-                                          AM_MT_OCI_MANIFEST_S, body, LEN),
-                         0);
+        assert_int_equal(
+            put_manifest_now(f, "docker.io", "library/e", &d[i], AM_MT_OCI_MANIFEST_S, body, LEN),
+            0);
     }
     struct am_metastore_stats st;
     am_metastore_get_stats(f->ms, &st);
     assert_true(st.evicted > 0);
     assert_int_equal(st.failed, 0);
     /* The newest is there, the first went. */
-    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/e", &d[N - 1], &rec), 0);
+    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/e", &d[N - 1], &rec),
+                     0);
     assert_int_equal(rec.len, LEN);
     am_manifest_rec_cleanup(&rec);
     assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/e", &d[0], &rec),
@@ -1054,8 +1057,8 @@ static void stores_and_reads_back_the_platform_of_a_manifest(void **state)
     uint64_t before = am_metastore_now_ms();
     /* Visible as soon as the put returned, before the commit. */
     struct call c = {.f = f};
-    assert_int_equal(am_metastore_put_platform(f->ms, "docker.io", "library/a", &m, &in, on_put, &c),
-                     0);
+    assert_int_equal(
+        am_metastore_put_platform(f->ms, "docker.io", "library/a", &m, &in, on_put, &c), 0);
     assert_int_equal(am_metastore_get_platform(f->ms, "docker.io", "library/a", &m, &out), 0);
     assert_string_equal(out.platform.os, "windows");
     assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
