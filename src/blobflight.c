@@ -505,18 +505,6 @@ static void on_up_body(void *arg, const char *data, size_t len)
     }
 }
 
-static int error_for_status(int status)
-{
-    switch (status) {
-    case 401: return AM_EUNAUTHORIZED;
-    case 403: return AM_EDENIED;
-    case 404: return AM_EBLOB_UNKNOWN;
-    case 429: return AM_ETOOMANYREQUESTS;
-    case 504: return AM_EUPSTREAM_TIMEOUT;
-    default: return AM_EUPSTREAM;
-    }
-}
-
 static void on_up_done(void *arg, int err)
 {
     struct flight *fl = arg;
@@ -526,7 +514,7 @@ static void on_up_done(void *arg, int err)
     } else if (!fl->got_head) {
         flight_fail(fl, AM_EUPSTREAM_PROTOCOL);
     } else if (fl->status != 200) {
-        flight_fail(fl, error_for_status(fl->status));
+        flight_fail(fl, am_error_from_upstream_status(fl->status, true));
     } else if (fl->size < 0 || fl->received != (uint64_t)fl->size) {
         flight_fail(fl, AM_EUPSTREAM_PROTOCOL);
     } else {

@@ -101,7 +101,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "archmirror/dirs.h"
 #include "archmirror/error.h"
+#include "archmirror/le.h"
 #include "archmirror/log.h"
 
 #define SCHEMA_VERSION 1u
@@ -339,34 +341,6 @@ static uint64_t now_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-static void put_u16le(unsigned char *p, uint16_t v)
-{
-    p[0] = (unsigned char)v;
-    p[1] = (unsigned char)(v >> 8);
-}
-
-static void put_u64le(unsigned char *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static uint16_t get_u16le(const unsigned char *p)
-{
-    return (uint16_t)(p[0] | (p[1] << 8));
-}
-
-static uint32_t get_u32le(const unsigned char *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t get_u64le(const unsigned char *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
-    return v;
-}
-
 /* Whether d holds a canonical digest (what am_digest_parse would produce). */
 static bool digest_ok(const struct am_digest *d)
 {
@@ -393,25 +367,6 @@ static void blob_path(const struct am_blobstore *bs, const struct am_digest *d, 
         snprintf(out, outlen, "%s/%.6s/%.2s", bs->dir, d->str, hex);
     else
         snprintf(out, outlen, "%s/%.6s/%.2s/%s", bs->dir, d->str, hex, hex);
-}
-
-/* mkdir -p. Returns 0 or an errno value. */
-static int mkdir_p(const char *dir)
-{
-    char path[PATH_MAX];
-    size_t n = strlen(dir);
-    if (n == 0 || n >= sizeof path) return ENAMETOOLONG;
-    memcpy(path, dir, n + 1);
-    for (size_t i = 1; i <= n; i++) {
-        if (path[i] != '/' && path[i] != '\0') continue;
-        char saved = path[i];
-        path[i] = '\0';
-        if (mkdir(path, 0750) != 0 && errno != EEXIST) return errno;
-        path[i] = saved;
-    }
-    struct stat st;
-    if (stat(dir, &st) != 0) return errno;
-    return S_ISDIR(st.st_mode) ? 0 : ENOTDIR;
 }
 
 /* fsync of a directory, so that an entry renamed or created in it is durable. Returns 0
@@ -539,13 +494,13 @@ static size_t record_len(const struct blob *b)
 static void record_encode(const struct blob *b, unsigned char *p)
 {
     size_t m = b->media_type ? strlen(b->media_type) : 0;
-    put_u16le(p, VALUE_VERSION);
+    am_le_put16(p, VALUE_VERSION);
     p[2] = (unsigned char)m;
     memset(p + 3, 0, 5);
-    put_u64le(p + 8, b->size);
-    put_u64le(p + 16, b->stored_at_ms);
-    put_u64le(p + 24, b->last_access_ms);
-    put_u64le(p + 32, b->hits);
+    am_le_put64(p + 8, b->size);
+    am_le_put64(p + 16, b->stored_at_ms);
+    am_le_put64(p + 24, b->last_access_ms);
+    am_le_put64(p + 32, b->hits);
     if (m) memcpy(p + HDR_LEN, b->media_type, m);
 }
 
@@ -559,15 +514,15 @@ struct record {
 static int record_decode(const MDB_val *v, struct record *r)
 {
     const unsigned char *p = v->mv_data;
-    if (v->mv_size < HDR_LEN || get_u16le(p) != VALUE_VERSION) return AM_ESTORE;
+    if (v->mv_size < HDR_LEN || am_le_get16(p) != VALUE_VERSION) return AM_ESTORE;
     for (int i = 3; i < 8; i++)
         if (p[i]) return AM_ESTORE;
     r->mt_len = p[2];
     if (v->mv_size != HDR_LEN + r->mt_len) return AM_ESTORE;
-    r->size = get_u64le(p + 8);
-    r->stored_at_ms = get_u64le(p + 16);
-    r->last_access_ms = get_u64le(p + 24);
-    r->hits = get_u64le(p + 32);
+    r->size = am_le_get64(p + 8);
+    r->stored_at_ms = am_le_get64(p + 16);
+    r->last_access_ms = am_le_get64(p + 24);
+    r->hits = am_le_get64(p + 32);
     r->media_type = (const char *)p + HDR_LEN;
     if (memchr(r->media_type, '\0', r->mt_len)) return AM_ESTORE;
     return 0;
@@ -1617,7 +1572,7 @@ static int check_schema(MDB_txn *txn, MDB_dbi dbi, const char *path, char *msg, 
         fill_msg(msg, msglen, "%s: corrupt schema version (%zu bytes)", path, v.mv_size);
         return AM_ESTORE;
     }
-    uint32_t ver = get_u32le(v.mv_data);
+    uint32_t ver = am_le_get32(v.mv_data);
     if (ver != SCHEMA_VERSION) {
         fill_msg(msg, msglen, "%s: schema version %u is %s (this archmirror reads %u)", path, ver,
                  ver > SCHEMA_VERSION ? "newer than supported" : "unknown", SCHEMA_VERSION);
@@ -1885,7 +1840,7 @@ int am_blobstore_open_store(uv_loop_t *loop, const char *data_dir,
     static const char *const subdirs[] = {"tmp", "sha256", "sha512"};
     for (size_t i = 0; i < sizeof subdirs / sizeof subdirs[0]; i++) {
         snprintf(path, sizeof path, "%s/%s", bs->dir, subdirs[i]);
-        if ((err = mkdir_p(path)) != 0) {
+        if ((err = am_dirs_make(path)) != 0) {
             fill_msg(msg, msglen, "%s: cannot create the directory: %s", path, strerror(err));
             rc = err == ENOTDIR || err == EEXIST ? AM_ESTORE : from_errno(err);
             goto fail;

@@ -87,3 +87,16 @@ int am_error_from_uv(int uverr)
     default: return AM_EIO;
     }
 }
+
+int am_error_from_upstream_status(int status, bool blob)
+{
+    switch (status) {
+    case 401: return AM_EUNAUTHORIZED;
+    case 403: return AM_EDENIED;
+    case 404: return blob ? AM_EBLOB_UNKNOWN : AM_EMANIFEST_UNKNOWN;
+    case 416: return AM_ERANGE;
+    case 429: return AM_ETOOMANYREQUESTS;
+    case 504: return AM_EUPSTREAM_TIMEOUT;
+    default: return AM_EUPSTREAM;
+    }
+}

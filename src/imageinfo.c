@@ -606,18 +606,6 @@ static void on_cf_body(void *arg, const char *data, size_t len)
     cf_deliver(cf, AM_ETOO_LARGE, "image config blob exceeds 1 MiB", NULL);
 }
 
-static int error_for_status(int status)
-{
-    switch (status) {
-    case 401: return AM_EUNAUTHORIZED;
-    case 403: return AM_EDENIED;
-    case 404: return AM_EBLOB_UNKNOWN;
-    case 429: return AM_ETOOMANYREQUESTS;
-    case 504: return AM_EUPSTREAM_TIMEOUT;
-    default: return AM_EUPSTREAM;
-    }
-}
-
 static void cf_finish_bytes(struct cfetch *cf, const char *bytes, size_t len);
 
 static void on_cf_blob(void *arg, int err, const char *bytes, size_t len)
@@ -655,7 +643,7 @@ static void on_cf_done(void *arg, int err)
         snprintf(msg, sizeof msg, "upstream answered %d for image config %s", cf->status,
                  cf->config.str);
         AM_INFO("%s imageinfo: %s of %s", cf->ctx, msg, cf->repo);
-        cf_deliver(cf, error_for_status(cf->status), msg, NULL);
+        cf_deliver(cf, am_error_from_upstream_status(cf->status, true), msg, NULL);
         return;
     }
     cf_finish_bytes(cf, cf->body.data ? cf->body.data : "", cf->body.len);

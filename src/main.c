@@ -17,6 +17,7 @@
 #include "archmirror/blobstore.h"
 #include "archmirror/cli.h"
 #include "archmirror/config.h"
+#include "archmirror/dirs.h"
 #include "archmirror/error.h"
 #include "archmirror/httpserver.h"
 #include "archmirror/log.h"
@@ -84,21 +85,6 @@ static int replace_str(char **slot, const char *value)
     if (!dup) return AM_ENOMEM;
     free(*slot);
     *slot = dup;
-    return 0;
-}
-
-/* mkdir -p; returns 0 or -errno. */
-static int make_dirs(const char *path)
-{
-    char tmp[4096];
-    if (snprintf(tmp, sizeof tmp, "%s", path) >= (int)sizeof tmp) return -ENAMETOOLONG;
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = '\0';
-        if (mkdir(tmp, 0750) != 0 && errno != EEXIST) return -errno;
-        *p = '/';
-    }
-    if (mkdir(tmp, 0750) != 0 && errno != EEXIST) return -errno;
     return 0;
 }
 
@@ -334,8 +320,8 @@ static int start(struct app *app)
     struct am_config *cfg = &app->cfg;
     int rc;
 
-    if ((rc = make_dirs(cfg->data_dir))) {
-        fprintf(stderr, "archmirror: data dir %s: %s\n", cfg->data_dir, uv_strerror(rc));
+    if ((rc = am_dirs_make(cfg->data_dir))) {
+        fprintf(stderr, "archmirror: data dir %s: %s\n", cfg->data_dir, strerror(rc));
         return rc;
     }
     if ((rc = am_metastore_open(&app->loop, cfg->data_dir, cfg->metastore_map_bytes, &app->ms, msg,

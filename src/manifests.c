@@ -178,18 +178,6 @@ static void deliver_tag(struct pull *p, const struct am_tag_rec *rec, const char
 
 /* --- upstream ------------------------------------------------------------------------ */
 
-static int error_for_status(int status)
-{
-    switch (status) {
-    case 401: return AM_EUNAUTHORIZED;
-    case 403: return AM_EDENIED;
-    case 404: return AM_EMANIFEST_UNKNOWN;
-    case 429: return AM_ETOOMANYREQUESTS;
-    case 504: return AM_EUPSTREAM_TIMEOUT;
-    default: return AM_EUPSTREAM;
-    }
-}
-
 /* Whether an upstream failure allows serving a cached tag stale: the upstream is
  * unreachable or overloaded, not saying "this tag is gone". */
 static bool may_serve_stale(int err, int status)
@@ -349,7 +337,7 @@ static void finish_tag_head(struct pull *p)
         char why[32];
         snprintf(why, sizeof why, "status %d", p->up_status);
         if (may_serve_stale(0, p->up_status) && serve_stale(p, why)) return;
-        deliver_error(p, error_for_status(p->up_status), NULL);
+        deliver_error(p, am_error_from_upstream_status(p->up_status, false), NULL);
         return;
     }
     enum am_media_kind k = am_mediatype_classify(p->content_type, strlen(p->content_type));
@@ -407,7 +395,7 @@ static void on_up_done(void *arg, int err)
         finish_body(p);
     } else if (!(p->kind == PULL_TAG_GET && may_serve_stale(0, p->up_status) &&
                  serve_stale(p, "upstream error"))) {
-        deliver_error(p, error_for_status(p->up_status), NULL);
+        deliver_error(p, am_error_from_upstream_status(p->up_status, false), NULL);
     }
     pull_maybe_free(p);
 }

@@ -66,7 +66,9 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "archmirror/dirs.h"
 #include "archmirror/error.h"
+#include "archmirror/le.h"
 #include "archmirror/log.h"
 #include "archmirror/reference.h"
 
@@ -163,34 +165,6 @@ static int from_mdb(int rc)
     }
 }
 
-static void put_u16le(unsigned char *p, uint16_t v)
-{
-    p[0] = (unsigned char)v;
-    p[1] = (unsigned char)(v >> 8);
-}
-
-static void put_u64le(unsigned char *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static uint16_t get_u16le(const unsigned char *p)
-{
-    return (uint16_t)(p[0] | (p[1] << 8));
-}
-
-static uint32_t get_u32le(const unsigned char *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t get_u64le(const unsigned char *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
-    return v;
-}
-
 /* A key component: 1..max bytes of printable ASCII without space. Returns its length or
  * 0 when invalid. */
 static size_t component_len(const char *s, size_t max)
@@ -247,25 +221,6 @@ static int make_key(const struct am_metastore *ms, const char *upstream, const c
 
 /* ---- opening ---- */
 
-/* mkdir -p. Returns 0 or an errno value. */
-static int mkdir_p(const char *dir)
-{
-    char path[4096];
-    size_t n = strlen(dir);
-    if (n == 0 || n >= sizeof path) return ENAMETOOLONG;
-    memcpy(path, dir, n + 1);
-    for (size_t i = 1; i <= n; i++) {
-        if (path[i] != '/' && path[i] != '\0') continue;
-        char saved = path[i];
-        path[i] = '\0';
-        if (mkdir(path, 0750) != 0 && errno != EEXIST) return errno;
-        path[i] = saved;
-    }
-    struct stat st;
-    if (stat(dir, &st) != 0) return errno;
-    return S_ISDIR(st.st_mode) ? 0 : ENOTDIR;
-}
-
 /* Checks the schema version in an open "meta" DB. Returns 0, MDB_NOTFOUND (no version
  * recorded) or AM_ESTORE with msg filled. */
 static int check_schema(MDB_txn *txn, MDB_dbi dbi, const char *path, char *msg, size_t msglen)
@@ -282,7 +237,7 @@ static int check_schema(MDB_txn *txn, MDB_dbi dbi, const char *path, char *msg, 
         fill_msg(msg, msglen, "%s: corrupt schema version (%zu bytes)", path, v.mv_size);
         return AM_ESTORE;
     }
-    uint32_t ver = get_u32le(v.mv_data);
+    uint32_t ver = am_le_get32(v.mv_data);
     if (ver != SCHEMA_VERSION) {
         fill_msg(msg, msglen, "%s: schema version %u is %s (this archmirror reads %u)", path, ver,
                  ver > SCHEMA_VERSION ? "newer than supported" : "unknown", SCHEMA_VERSION);
@@ -409,7 +364,7 @@ int am_metastore_open(uv_loop_t *loop, const char *dir, uint64_t map_bytes,
         fill_msg(msg, msglen, "metastore: invalid arguments");
         return AM_EINVAL;
     }
-    if ((err = mkdir_p(dir)) != 0) {
+    if ((err = am_dirs_make(dir)) != 0) {
         fill_msg(msg, msglen, "%s: cannot create the data directory: %s", dir, strerror(err));
         return from_mdb(err);
     }
@@ -540,7 +495,7 @@ static int decode_value(const struct am_metastore *ms, const MDB_val *v, unsigne
         why = "shorter than its header";
         goto bad;
     }
-    ver = get_u16le(p);
+    ver = am_le_get16(p);
     k = p[2];
     mt_len = p[3];
     dg_len = p[4];
@@ -552,8 +507,8 @@ static int decode_value(const struct am_metastore *ms, const MDB_val *v, unsigne
         why = "wrong kind or reserved bytes set";
         goto bad;
     }
-    d->time_ms = get_u64le(p + 8);
-    d->size = get_u64le(p + 16);
+    d->time_ms = am_le_get64(p + 8);
+    d->size = am_le_get64(p + 16);
     rest = v->mv_size - HDR_LEN;
     if (mt_len > AM_MEDIATYPE_MAX || dg_len > AM_DIGEST_STR_MAX ||
         (kind == KIND_MANIFEST && dg_len != 0) || (kind == KIND_TAG && dg_len == 0) ||
@@ -695,13 +650,13 @@ static int decode_platform(const struct am_metastore *ms, const MDB_val *v,
         goto bad;
     }
     dg_len = p[4];
-    if (get_u16le(p) != VALUE_VERSION || p[2] != KIND_PLATFORM || p[3] || p[5] || p[6] || p[7]) {
+    if (am_le_get16(p) != VALUE_VERSION || p[2] != KIND_PLATFORM || p[3] || p[5] || p[6] || p[7]) {
         why = "wrong version, kind or reserved bytes";
         goto bad;
     }
     rest = v->mv_size - HDR_LEN;
     if (dg_len == 0 || dg_len > AM_DIGEST_STR_MAX || dg_len > rest ||
-        get_u64le(p + 16) != rest - dg_len) {
+        am_le_get64(p + 16) != rest - dg_len) {
         why = "length does not match its header";
         goto bad;
     }
@@ -730,7 +685,7 @@ static int decode_platform(const struct am_metastore *ms, const MDB_val *v,
         why = "bytes after the platform fields";
         goto bad;
     }
-    out->stored_at_ms = get_u64le(p + 8);
+    out->stored_at_ms = am_le_get64(p + 8);
     return 0;
 
 bad:
@@ -812,14 +767,14 @@ static size_t evict_oldest_manifests(struct am_metastore *ms)
             times = t;
             cap = ncap;
         }
-        times[n++] = v.mv_size >= HDR_LEN ? get_u64le((const unsigned char *)v.mv_data + 8) : 0;
+        times[n++] = v.mv_size >= HDR_LEN ? am_le_get64((const unsigned char *)v.mv_data + 8) : 0;
     }
     if (n == 0) goto fail;
     qsort(times, n, sizeof *times, cmp_u64);
     uint64_t cutoff = times[n / 4];
     for (int rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
          rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-        uint64_t t = v.mv_size >= HDR_LEN ? get_u64le((const unsigned char *)v.mv_data + 8) : 0;
+        uint64_t t = v.mv_size >= HDR_LEN ? am_le_get64((const unsigned char *)v.mv_data + 8) : 0;
         if (t <= cutoff && mdb_cursor_del(cur, 0) == 0) deleted++;
     }
     mdb_cursor_close(cur);
@@ -838,7 +793,7 @@ static int touch_meta(struct am_metastore *ms)
 {
     MDB_txn *txn = NULL;
     unsigned char now[8];
-    put_u64le(now, am_metastore_now_ms());
+    am_le_put64(now, am_metastore_now_ms());
     MDB_val k = {.mv_size = 10, .mv_data = (void *)"evicted_at"},
             v = {.mv_size = 8, .mv_data = now};
     int rc = mdb_txn_begin(ms->env, NULL, 0, &txn);
@@ -1005,13 +960,13 @@ static struct op *op_new(MDB_dbi dbi, const struct key *k, size_t vlen, am_metas
 static void encode_header(unsigned char *p, unsigned kind, size_t mt_len, size_t dg_len,
                           uint64_t time_ms, uint64_t size)
 {
-    put_u16le(p, VALUE_VERSION);
+    am_le_put16(p, VALUE_VERSION);
     p[2] = (unsigned char)kind;
     p[3] = (unsigned char)mt_len;
     p[4] = (unsigned char)dg_len;
     p[5] = p[6] = p[7] = 0;
-    put_u64le(p + 8, time_ms);
-    put_u64le(p + 16, size);
+    am_le_put64(p + 8, time_ms);
+    am_le_put64(p + 16, size);
 }
 
 int am_metastore_put_manifest(struct am_metastore *ms, const char *upstream, const char *repo,

@@ -83,9 +83,11 @@
 #include "archmirror/buf.h"
 #include "archmirror/config.h"
 #include "archmirror/digest.h"
+#include "archmirror/dirs.h"
 #include "archmirror/error.h"
 #include "archmirror/http.h"
 #include "archmirror/httpserver.h"
+#include "archmirror/le.h"
 #include "archmirror/log.h"
 #include "archmirror/platform.h"
 #include "archmirror/reference.h"
@@ -249,39 +251,6 @@ static const char *mdb_or_errno_str(int rc)
     return mdb_strerror(rc); /* covers errno values too */
 }
 
-static void put_u16le(unsigned char *p, uint16_t v)
-{
-    p[0] = (unsigned char)v;
-    p[1] = (unsigned char)(v >> 8);
-}
-
-static void put_u32le(unsigned char *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static void put_u64le(unsigned char *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static uint16_t get_u16le(const unsigned char *p)
-{
-    return (uint16_t)(p[0] | (p[1] << 8));
-}
-
-static uint32_t get_u32le(const unsigned char *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t get_u64le(const unsigned char *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
-    return v;
-}
-
 static uint64_t now_ms(void)
 {
     struct timespec ts;
@@ -428,31 +397,31 @@ static uint64_t agg_nodes(const struct agg *a)
 static int agg_decode(const void *data, size_t n, unsigned kind, struct agg *a)
 {
     const unsigned char *p = data;
-    if (n < AGG_HDR + 2 || get_u16le(p) != AGG_VERSION || p[2] != kind ||
+    if (n < AGG_HDR + 2 || am_le_get16(p) != AGG_VERSION || p[2] != kind ||
         (p[3] & ~AGG_FLAG_OVERFLOW))
         return -1;
     a->kind = kind;
     a->flags = p[3];
-    a->tracked = get_u32le(p + 4);
-    a->pulls = get_u64le(p + 8);
-    a->first_ms = get_u64le(p + 16);
-    a->last_ms = get_u64le(p + 24);
-    a->hits = get_u64le(p + 32);
-    a->bytes = get_u64le(p + 40);
-    for (int i = 0; i < N_SOURCES; i++) a->src[i] = get_u64le(p + 48 + 8 * i);
-    a->platforms_at_ms = get_u64le(p + 80);
+    a->tracked = am_le_get32(p + 4);
+    a->pulls = am_le_get64(p + 8);
+    a->first_ms = am_le_get64(p + 16);
+    a->last_ms = am_le_get64(p + 24);
+    a->hits = am_le_get64(p + 32);
+    a->bytes = am_le_get64(p + 40);
+    for (int i = 0; i < N_SOURCES; i++) a->src[i] = am_le_get64(p + 48 + 8 * i);
+    a->platforms_at_ms = am_le_get64(p + 80);
     memcpy(a->hll, p + 88, HLL_M);
     if (a->tracked > AM_PULLLOG_NODES_EXACT || a->pulls == 0 || a->first_ms > a->last_ms ||
         a->hits > a->pulls)
         return -1;
     for (unsigned i = 0; i < HLL_M; i++)
         if (a->hll[i] > HLL_REG_MAX) return -1;
-    size_t count = get_u16le(p + AGG_HDR);
+    size_t count = am_le_get16(p + AGG_HDR);
     if (kind == AGG_PULLS ? count != 5 : (count < 4 || count > AGG_STR_MAX)) return -1;
     size_t off = AGG_HDR + 2;
     for (size_t i = 0; i < count; i++) {
         if (n - off < 2) return -1;
-        size_t l = get_u16le(p + off);
+        size_t l = am_le_get16(p + off);
         off += 2;
         if (n - off < l) return -1;
         a->str[i] = (const char *)p + off;
@@ -473,24 +442,24 @@ static int agg_decode(const void *data, size_t n, unsigned kind, struct agg *a)
 static int agg_encode(const struct agg *a, struct am_buf *b)
 {
     unsigned char hdr[AGG_HDR + 2];
-    put_u16le(hdr, AGG_VERSION);
+    am_le_put16(hdr, AGG_VERSION);
     hdr[2] = (unsigned char)a->kind;
     hdr[3] = (unsigned char)a->flags;
-    put_u32le(hdr + 4, a->tracked);
-    put_u64le(hdr + 8, a->pulls);
-    put_u64le(hdr + 16, a->first_ms);
-    put_u64le(hdr + 24, a->last_ms);
-    put_u64le(hdr + 32, a->hits);
-    put_u64le(hdr + 40, a->bytes);
-    for (int i = 0; i < N_SOURCES; i++) put_u64le(hdr + 48 + 8 * i, a->src[i]);
-    put_u64le(hdr + 80, a->platforms_at_ms);
+    am_le_put32(hdr + 4, a->tracked);
+    am_le_put64(hdr + 8, a->pulls);
+    am_le_put64(hdr + 16, a->first_ms);
+    am_le_put64(hdr + 24, a->last_ms);
+    am_le_put64(hdr + 32, a->hits);
+    am_le_put64(hdr + 40, a->bytes);
+    for (int i = 0; i < N_SOURCES; i++) am_le_put64(hdr + 48 + 8 * i, a->src[i]);
+    am_le_put64(hdr + 80, a->platforms_at_ms);
     memcpy(hdr + 88, a->hll, HLL_M);
-    put_u16le(hdr + AGG_HDR, (uint16_t)a->n_str);
+    am_le_put16(hdr + AGG_HDR, (uint16_t)a->n_str);
     am_buf_reset(b);
     int rc = am_buf_append(b, hdr, sizeof hdr);
     for (size_t i = 0; rc == 0 && i < a->n_str; i++) {
         unsigned char l[2];
-        put_u16le(l, (uint16_t)a->len[i]);
+        am_le_put16(l, (uint16_t)a->len[i]);
         if ((rc = am_buf_append(b, l, 2)) == 0 && a->len[i])
             rc = am_buf_append(b, a->str[i], a->len[i]);
     }
@@ -589,25 +558,6 @@ static int rec_new(const struct am_pulllog_record *r, struct rec **out)
 
 /* ---- opening ---- */
 
-/* mkdir -p. Returns 0 or an errno value. */
-static int mkdir_p(const char *dir)
-{
-    char path[4096];
-    size_t n = strlen(dir);
-    if (n == 0 || n >= sizeof path) return ENAMETOOLONG;
-    memcpy(path, dir, n + 1);
-    for (size_t i = 1; i <= n; i++) {
-        if (path[i] != '/' && path[i] != '\0') continue;
-        char saved = path[i];
-        path[i] = '\0';
-        if (mkdir(path, 0750) != 0 && errno != EEXIST) return errno;
-        path[i] = saved;
-    }
-    struct stat st;
-    if (stat(dir, &st) != 0) return errno;
-    return S_ISDIR(st.st_mode) ? 0 : ENOTDIR;
-}
-
 static char *path_join(const char *dir, const char *name)
 {
     size_t n = strlen(dir) + 1 + strlen(name) + 1;
@@ -675,7 +625,7 @@ static int check_schema(struct am_pulllog *pl, MDB_txn *txn, char *msg, size_t m
     int rc = mdb_get(txn, pl->dbi_meta, &k, &v);
     if (rc == MDB_NOTFOUND) {
         unsigned char ver[4];
-        put_u32le(ver, SCHEMA_VERSION);
+        am_le_put32(ver, SCHEMA_VERSION);
         v.mv_size = sizeof ver;
         v.mv_data = ver;
         if ((rc = mdb_put(txn, pl->dbi_meta, &k, &v, 0)) == 0) return 0;
@@ -688,7 +638,7 @@ static int check_schema(struct am_pulllog *pl, MDB_txn *txn, char *msg, size_t m
         fill_msg(msg, msglen, "%s: corrupt schema version (%zu bytes)", pl->db_path, v.mv_size);
         return AM_ESTORE;
     }
-    uint32_t ver = get_u32le(v.mv_data);
+    uint32_t ver = am_le_get32(v.mv_data);
     if (ver != SCHEMA_VERSION) {
         fill_msg(msg, msglen, "%s: schema version %u is %s (this archmirror reads %u)", pl->db_path,
                  ver, ver > SCHEMA_VERSION ? "newer than supported" : "unknown", SCHEMA_VERSION);
@@ -767,7 +717,7 @@ int am_pulllog_open(uv_loop_t *loop, const struct am_pulllog_opts *opts, struct 
         fill_msg(msg, msglen, "pulllog: invalid arguments");
         return AM_EINVAL;
     }
-    if ((err = mkdir_p(opts->dir)) != 0) {
+    if ((err = am_dirs_make(opts->dir)) != 0) {
         fill_msg(msg, msglen, "%s: cannot create the pull log directory: %s", opts->dir,
                  strerror(err));
         return from_mdb(err);
@@ -1127,7 +1077,7 @@ static int agg_apply(struct am_pulllog *pl, MDB_txn *txn, unsigned kind, const s
     MDB_val nkv = {.mv_size = klen + node_l, .mv_data = nk}, nvv;
     if (a.tracked < AM_PULLLOG_NODES_EXACT) {
         unsigned char seen[8];
-        put_u64le(seen, r->time_ms);
+        am_le_put64(seen, r->time_ms);
         nvv.mv_size = sizeof seen;
         nvv.mv_data = seen;
         rc = mdb_put(txn, pl->dbi_nodes, &nkv, &nvv, MDB_NOOVERWRITE);
@@ -1145,7 +1095,7 @@ static int agg_apply(struct am_pulllog *pl, MDB_txn *txn, unsigned kind, const s
     hll_add(a.hll, r->node, node_l);
     unsigned char *p = (unsigned char *)pl->vbuf.data;
     p[3] = (unsigned char)a.flags;
-    put_u32le(p + 4, a.tracked);
+    am_le_put32(p + 4, a.tracked);
     memcpy(p + 88, a.hll, HLL_M);
 
     MDB_val nv = {.mv_size = pl->vbuf.len, .mv_data = pl->vbuf.data};

@@ -153,20 +153,6 @@ static bool accept_allows(struct am_http_exchange *ex, const char *accept, const
     return false;
 }
 
-/* Maps an upstream's final non-success status to the error a client should see. */
-static int error_for_status(int status, bool blob)
-{
-    switch (status) {
-    case 401: return AM_EUNAUTHORIZED;
-    case 403: return AM_EDENIED;
-    case 404: return blob ? AM_EBLOB_UNKNOWN : AM_EMANIFEST_UNKNOWN;
-    case 416: return AM_ERANGE;
-    case 429: return AM_ETOOMANYREQUESTS;
-    case 504: return AM_EUPSTREAM_TIMEOUT;
-    default: return AM_EUPSTREAM;
-    }
-}
-
 /* --- pull lifetime ------------------------------------------------------------------ */
 
 static void pull_free(struct pull *p)
@@ -302,7 +288,7 @@ static void finish_blob(struct pull *p, int err)
             pull_respond_error(p, AM_EUPSTREAM_PROTOCOL,
                                "upstream sent a blob without Content-Length");
         } else {
-            pull_respond_error(p, error_for_status(p->up_status, true), NULL);
+            pull_respond_error(p, am_error_from_upstream_status(p->up_status, true), NULL);
         }
         return;
     }

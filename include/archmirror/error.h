@@ -10,6 +10,7 @@
 #ifndef ARCHMIRROR_ERROR_H
 #define ARCHMIRROR_ERROR_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 struct am_buf;
@@ -68,6 +69,11 @@ const char *am_error_oci_code(int err); /* "UNKNOWN" */
  * message: borrowed, may be NULL (the table's message is used); it is JSON-escaped and
  * non-ASCII bytes become '?'. Returns 0 or AM_ENOMEM/AM_ETOO_LARGE. */
 int am_error_format_json(int err, const char *message, struct am_buf *out);
+
+/* The error a client should see for an upstream's final non-success status: 401, 403,
+ * 404 (BLOB_ or MANIFEST_UNKNOWN), 416, 429, 504 map to their own codes, anything else
+ * is AM_EUPSTREAM. */
+int am_error_from_upstream_status(int status, bool blob);
 
 /* Converts a libuv error (negative errno) into the closest AM_E* code. */
 int am_error_from_uv(int uverr);
