@@ -84,6 +84,7 @@ struct flight {
     uint64_t written;  /* bytes in the temp file */
     bool paused;
     bool committing;
+    bool verified; /* the store matched size and digest: the last bytes may go */
     bool orphan; /* failed or cancelled while committing: on_commit only frees it */
 };
 
@@ -391,6 +392,21 @@ static void flight_fail(struct flight *fl, int err)
     free(fl);
 }
 
+/* The bytes are verified (durability is still on its way): every waiter may finish from
+ * the temp file now instead of waiting for the fsyncs and the rename. */
+static void on_verified(void *arg)
+{
+    struct flight *fl = arg;
+    fl->verified = true;
+    for (struct waiter *w = fl->waiters, *next; w; w = next) {
+        next = w->next; /* pump may end and free w */
+        if (!w->head_sent) continue; /* an empty blob: its head goes out at on_commit */
+        w->verified = true;
+        w->live = false;
+        waiter_pump(w);
+    }
+}
+
 static void on_commit(void *arg, int status)
 {
     struct flight *fl = arg;
@@ -617,9 +633,13 @@ static enum am_blobflight_outcome join(struct am_blobflights *bf, struct flight 
         am_http_respond_error(ex, AM_ENOMEM, NULL, NULL, NULL, 0);
         return AM_BLOBFLIGHT_SERVED;
     }
-    bf->stats.joined++;
-    am_metrics_count_cache(true, false);
+    /* A flight whose bytes are all here and verified (only its fsync and rename are left)
+     * answers like the cache it is about to be. */
+    if (fl->verified) bf->stats.hits++;
+    else bf->stats.joined++;
+    am_metrics_count_cache(true, fl->verified);
     w->joined = true;
+    w->verified = fl->verified;
     w->fl = fl;
     w->next = fl->waiters;
     if (fl->waiters) fl->waiters->prev = w;
@@ -629,7 +649,7 @@ static enum am_blobflight_outcome join(struct am_blobflights *bf, struct flight 
     w->end = probe.end;
     w->size = probe.size;
     w->status = probe.status;
-    if (waiter_send_head(w, (uint64_t)fl->size, "joined") != 0) {
+    if (waiter_send_head(w, (uint64_t)fl->size, fl->verified ? "hit" : "joined") != 0) {
         waiter_free(w);
         return AM_BLOBFLIGHT_SERVED;
     }
@@ -657,6 +677,7 @@ static int flight_begin(struct am_blobflights *bf, struct am_upstream *up, const
         return AM_EUNAVAILABLE;
     }
     am_blobstore_writer_set_on_written(fl->writer, on_written, fl);
+    am_blobstore_writer_set_on_verified(fl->writer, on_verified, fl);
     struct am_upstream_request_opts o = {.method = "GET", .path = path, .scope = scope};
     int rc = am_upstream_request(up, &o, &flight_cbs, fl, &fl->ureq);
     if (rc) {

@@ -282,6 +282,8 @@ struct am_blobstore_writer {
     am_blobstore_cb cb;
     void *cb_arg;
     am_blobstore_written_cb on_written;
+    void (*on_verified)(void *arg); /* once, when size and digest matched at commit */
+    void *on_verified_arg;
     void *on_written_arg;
     struct am_blobstore_writer *wait_next; /* in a blob's waiters */
     struct blob *entry;                    /* the FINALIZING blob, during S_FINALIZE */
@@ -1167,10 +1169,16 @@ static void advance(struct am_blobstore_writer *w)
             if (w->req_busy) return;
         }
         if (!w->error) w->error = verify(w);
-        if (w->error)
+        if (w->error) {
             start_discard(w);
-        else
-            place(w);
+            return;
+        }
+        if (w->on_verified) {
+            void (*cb)(void *) = w->on_verified;
+            w->on_verified = NULL;
+            cb(w->on_verified_arg); /* the bytes are right; durability follows */
+        }
+        place(w);
         return;
     }
 }
@@ -1235,6 +1243,14 @@ int am_blobstore_writer_set_media_type(struct am_blobstore_writer *w, const char
     free(w->media_type);
     w->media_type = copy;
     return 0;
+}
+
+void am_blobstore_writer_set_on_verified(struct am_blobstore_writer *w, void (*cb)(void *arg),
+                                         void *arg)
+{
+    if (!w) return;
+    w->on_verified = cb;
+    w->on_verified_arg = arg;
 }
 
 void am_blobstore_writer_set_on_written(struct am_blobstore_writer *w, am_blobstore_written_cb cb,

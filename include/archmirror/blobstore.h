@@ -142,6 +142,13 @@ void am_blobstore_writer_set_on_written(struct am_blobstore_writer *w, am_blobst
  * max_bytes), AM_ENOMEM, or the write error reported by on_written. A failed append
  * fails the writer. len 0 does nothing. Not after commit or abort. */
 int am_blobstore_writer_append(struct am_blobstore_writer *w, const void *data, size_t len);
+/* Calls cb(arg) once during a commit, as soon as every byte is in the temp file and the
+ * size and digest matched — before the fsyncs, the rename and the metadata, which only
+ * make the blob durable. It may run inside am_blobstore_writer_commit. After it the temp
+ * file's bytes are known right (readers of am_blobstore_writer_open_reader may serve
+ * them in full); the commit's own cb still reports whether the blob was stored. */
+void am_blobstore_writer_set_on_verified(struct am_blobstore_writer *w, void (*cb)(void *arg),
+                                         void *arg);
 
 /* As append, without the copy: keeps data[0..len) until it has been written (or the
  * writer is discarded), then calls release(release_arg) on the loop. Returns 0 (release
