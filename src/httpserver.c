@@ -1025,8 +1025,10 @@ static void process_input(struct conn *c)
         }
         if (c->msg_done) {
             dispatch(c); /* may finish synchronously and return to PH_HEAD */
-        } else if (c->phase == PH_BODY) {
-            timer_start(c, T_BODY, srv->opts.header_timeout_ms); /* per progress */
+        } else if (c->phase == PH_BODY && c->timer_kind != T_BODY) {
+            /* One deadline for the whole body, like the head's: restarting it on every
+             * byte would let a client dribble a body forever (slow POST). */
+            timer_start(c, T_BODY, srv->opts.header_timeout_ms);
         }
     }
     if (c->phase == PH_HEAD && c->head_bytes == 0 && c->timer_kind == T_NONE &&
