@@ -833,6 +833,7 @@ def timed_get(port, path, headers=None, method="GET", host="127.0.0.1", timeout=
     chunks = [] if keep_body else None
     r.t_start = now()
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    s = None
     try:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
@@ -902,6 +903,8 @@ def timed_get(port, path, headers=None, method="GET", host="127.0.0.1", timeout=
         if chunks is not None:
             r.body = b"".join(chunks)
         conn.close()
+        if s is not None and conn.sock is None:
+            s.close()           # connect() failed: the socket never reached conn
     return r
 
 
