@@ -54,8 +54,8 @@
 #define NS_PER_S      1000000000.0
 
 /* What containerd 1.6/1.7 sends when it resolves a tag and fetches manifests. */
-#define CONTAINERD_ACCEPT                                                                  \
-    AM_MT_DOCKER_MANIFEST_S ", " AM_MT_DOCKER_LIST_S ", " AM_MT_OCI_MANIFEST_S            \
+#define CONTAINERD_ACCEPT                                                                          \
+    AM_MT_DOCKER_MANIFEST_S ", " AM_MT_DOCKER_LIST_S ", " AM_MT_OCI_MANIFEST_S                     \
                             ", " AM_MT_OCI_INDEX_S ", */*"
 
 /* --- options ----------------------------------------------------------------------- */
@@ -260,12 +260,12 @@ struct run {
     uv_loop_t *loop;
     const struct target *t;
     struct am_upstream *up;
-    uv_timer_t deadline;   /* --timeout: cancels everything */
-    uv_timer_t window;     /* get/head: warmup end, then measurement end; pull: stagger */
-    bool window_open;      /* get/head: inside the measurement window */
-    bool stopping;         /* no new requests */
+    uv_timer_t deadline; /* --timeout: cancels everything */
+    uv_timer_t window;   /* get/head: warmup end, then measurement end; pull: stagger */
+    bool window_open;    /* get/head: inside the measurement window */
+    bool stopping;       /* no new requests */
     bool timed_out;
-    unsigned active;       /* workers or nodes still running */
+    unsigned active; /* workers or nodes still running */
     uint64_t t_start, t_end, m_start, m_end;
 
     uint64_t requests, req_errors, bytes;
@@ -301,8 +301,8 @@ enum op_kind { OP_RESOLVE, OP_TOP, OP_CHILD, OP_CONFIG, OP_LAYER, OP_SIMPLE };
 
 static const char *op_kind_name(enum op_kind k)
 {
-    static const char *names[] = {"HEAD tag", "GET index", "GET manifest", "GET config",
-                                  "GET layer", "request"};
+    static const char *names[] = {"HEAD tag",   "GET index", "GET manifest",
+                                  "GET config", "GET layer", "request"};
     return names[k];
 }
 
@@ -404,8 +404,8 @@ static bool op_account(struct op *op, int err, int expect)
         return false;
     }
     if (op->status != expect) {
-        run_error(r, "%s %s: status %d, expected %d", op_kind_name(op->kind), op->path,
-                  op->status, expect);
+        run_error(r, "%s %s: status %d, expected %d", op_kind_name(op->kind), op->path, op->status,
+                  expect);
         return false;
     }
     if (op->kind == OP_SIMPLE) {
@@ -420,7 +420,10 @@ static bool op_account(struct op *op, int err, int expect)
 
 static void worker_next(struct op *op);
 
-static void on_retry_timer(uv_timer_t *t) { worker_next(t->data); }
+static void on_retry_timer(uv_timer_t *t)
+{
+    worker_next(t->data);
+}
 
 static void worker_next(struct op *op)
 {
@@ -589,8 +592,7 @@ static int pull_op_start(struct node *n, struct op *op, enum op_kind kind, const
     if (rc) {
         n->r->requests++;
         n->r->err_by_code[err_slot(rc)]++;
-        run_error(n->r, "%s %s: %s (not sent)", op_kind_name(kind), op->path,
-                  am_error_name(rc));
+        run_error(n->r, "%s %s: %s (not sent)", op_kind_name(kind), op->path, am_error_name(rc));
         return rc;
     }
     n->inflight++;
@@ -651,8 +653,8 @@ static void on_manifest(struct node *n, struct op *op)
     struct run *r = n->r;
     struct am_manifest m;
     char msg[200];
-    int rc = am_manifest_parse(op->body.data ? op->body.data : "", op->body.len, op->ct, &m,
-                               msg, sizeof msg);
+    int rc = am_manifest_parse(op->body.data ? op->body.data : "", op->body.len, op->ct, &m, msg,
+                               sizeof msg);
     if (rc) {
         run_error(r, "%s %s: %s", op_kind_name(op->kind), op->path, msg);
         node_fail(n, op);
@@ -716,17 +718,10 @@ static void pull_done(struct op *op, int err)
         break;
     }
     case OP_TOP:
-    case OP_CHILD:
-        on_manifest(n, op);
-        break;
-    case OP_CONFIG:
-        start_layers(n);
-        break;
-    case OP_LAYER:
-        start_layers(n);
-        break;
-    case OP_SIMPLE:
-        break;
+    case OP_CHILD: on_manifest(n, op); break;
+    case OP_CONFIG: start_layers(n); break;
+    case OP_LAYER: start_layers(n); break;
+    case OP_SIMPLE: break;
     }
 }
 
@@ -892,7 +887,8 @@ static void i_alloc(uv_handle_t *h, size_t sz, uv_buf_t *b)
 static void i_fail(struct iconn *c, const char *what, int err)
 {
     struct irun *ir = c->ir;
-    if (!ir->first_err[0]) snprintf(ir->first_err, sizeof ir->first_err, "%s: %s", what, uv_strerror(err));
+    if (!ir->first_err[0])
+        snprintf(ir->first_err, sizeof ir->first_err, "%s: %s", what, uv_strerror(err));
     if (!c->closed) {
         c->closed = true;
         uv_close((uv_handle_t *)&c->tcp, NULL);
@@ -906,8 +902,10 @@ static void i_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
     struct iconn *c = s->data;
     struct irun *ir = c->ir;
     if (n < 0) {
-        if (c->answered) ir->closed_by_peer++;
-        else ir->failed++;
+        if (c->answered)
+            ir->closed_by_peer++;
+        else
+            ir->failed++;
         i_fail(c, c->answered ? "closed while idle" : "read", (int)n);
         i_check_done(ir);
         irun_next(ir);
@@ -1120,8 +1118,9 @@ static json_t *run_json(struct run *r)
         json_object_set_new(o, "concurrency", json_integer(O.conc));
         /* 201 evenly spaced quantiles draw the distribution; the percentiles above are
          * computed from every sample. */
-        json_object_set_new(o, "request_samples_s",
-                            lat_samples_json(&r->req_lat, O.max_samples < 201 ? O.max_samples : 201));
+        json_object_set_new(
+            o, "request_samples_s",
+            lat_samples_json(&r->req_lat, O.max_samples < 201 ? O.max_samples : 201));
     }
     json_t *codes = json_object();
     for (int i = 1; i < 64; i++)
@@ -1130,7 +1129,8 @@ static json_t *run_json(struct run *r)
                                 json_integer((json_int_t)r->err_by_code[i]));
     json_object_set_new(o, "errors_by_code", codes);
     json_t *msgs = json_array();
-    for (size_t i = 0; i < r->n_err_msgs; i++) json_array_append_new(msgs, json_string(r->err_msgs[i]));
+    for (size_t i = 0; i < r->n_err_msgs; i++)
+        json_array_append_new(msgs, json_string(r->err_msgs[i]));
     json_object_set_new(o, "error_examples", msgs);
     return o;
 }
@@ -1163,8 +1163,10 @@ static json_t *do_run(uv_loop_t *loop, const struct target *t)
     r.deadline.data = r.window.data = &r;
     uv_timer_start(&r.deadline, on_deadline, (uint64_t)(O.timeout_s * 1000), 0);
     r.t_start = uv_hrtime();
-    if (O.mode == MODE_PULL) pull_start(&r);
-    else simple_start(&r);
+    if (O.mode == MODE_PULL)
+        pull_start(&r);
+    else
+        simple_start(&r);
     uv_run(loop, UV_RUN_DEFAULT);
     json_t *o = run_json(&r);
     /* Release the run. */
@@ -1213,13 +1215,14 @@ static void write_markdown(FILE *f, json_t *all)
     size_t i;
     json_t *o;
     if (O.mode == MODE_IDLE) {
-        fprintf(f, "| target | connections | answered | failed | closed while idle | establish s |\n");
+        fprintf(f,
+                "| target | connections | answered | failed | closed while idle | establish s |\n");
         fprintf(f, "|---|---:|---:|---:|---:|---:|\n");
         json_array_foreach(all, i, o)
             fprintf(f, "| %s | %.0f | %.0f | %.0f | %.0f | %.2f |\n",
                     json_string_value(json_object_get(o, "target")), jnum(o, "connections"),
-                    jnum(o, "answered"), jnum(o, "failed"),
-                    jnum(o, "closed_by_server_while_idle"), jnum(o, "establish_s"));
+                    jnum(o, "answered"), jnum(o, "failed"), jnum(o, "closed_by_server_while_idle"),
+                    jnum(o, "establish_s"));
         return;
     }
     bool pull = O.mode == MODE_PULL;
@@ -1328,8 +1331,18 @@ static void add_target(const char *s)
 int main(int argc, char **argv)
 {
     enum {
-        OPT_IMAGES_FILE = 256, OPT_PULLS, OPT_LAYER_CONC, OPT_STAGGER, OPT_MAX_SAMPLES,
-        OPT_READY, OPT_SELECT, OPT_EXPECT, OPT_WARMUP, OPT_HOLD, OPT_CONNS, OPT_BATCH
+        OPT_IMAGES_FILE = 256,
+        OPT_PULLS,
+        OPT_LAYER_CONC,
+        OPT_STAGGER,
+        OPT_MAX_SAMPLES,
+        OPT_READY,
+        OPT_SELECT,
+        OPT_EXPECT,
+        OPT_WARMUP,
+        OPT_HOLD,
+        OPT_CONNS,
+        OPT_BATCH
     };
     static const struct option longopts[] = {
         {"target", required_argument, 0, 't'},
@@ -1368,10 +1381,14 @@ int main(int argc, char **argv)
         switch (ch) {
         case 't': add_target(optarg); break;
         case 'm':
-            if (strcmp(optarg, "pull") == 0) O.mode = MODE_PULL;
-            else if (strcmp(optarg, "get") == 0) O.mode = MODE_GET;
-            else if (strcmp(optarg, "head") == 0) O.mode = MODE_HEAD;
-            else if (strcmp(optarg, "idle") == 0) O.mode = MODE_IDLE;
+            if (strcmp(optarg, "pull") == 0)
+                O.mode = MODE_PULL;
+            else if (strcmp(optarg, "get") == 0)
+                O.mode = MODE_GET;
+            else if (strcmp(optarg, "head") == 0)
+                O.mode = MODE_HEAD;
+            else if (strcmp(optarg, "idle") == 0)
+                O.mode = MODE_IDLE;
             else {
                 fprintf(stderr, "loadgen: unknown mode %s\n", optarg);
                 return 2;

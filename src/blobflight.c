@@ -85,7 +85,7 @@ struct flight {
     bool paused;
     bool committing;
     bool verified; /* the store matched size and digest: the last bytes may go */
-    bool orphan; /* failed or cancelled while committing: on_commit only frees it */
+    bool orphan;   /* failed or cancelled while committing: on_commit only frees it */
 };
 
 struct am_blobflights {
@@ -399,7 +399,7 @@ static void on_verified(void *arg)
     struct flight *fl = arg;
     fl->verified = true;
     for (struct waiter *w = fl->waiters, *next; w; w = next) {
-        next = w->next; /* pump may end and free w */
+        next = w->next;              /* pump may end and free w */
         if (!w->head_sent) continue; /* an empty blob: its head goes out at on_commit */
         w->verified = true;
         w->live = false;
@@ -635,8 +635,10 @@ static enum am_blobflight_outcome join(struct am_blobflights *bf, struct flight 
     }
     /* A flight whose bytes are all here and verified (only its fsync and rename are left)
      * answers like the cache it is about to be. */
-    if (fl->verified) bf->stats.hits++;
-    else bf->stats.joined++;
+    if (fl->verified)
+        bf->stats.hits++;
+    else
+        bf->stats.joined++;
     am_metrics_count_cache(true, fl->verified);
     w->joined = true;
     w->verified = fl->verified;
