@@ -53,11 +53,14 @@ digest (GET), the tag (HEAD and GET), a layer blob (GET, HEAD) and containerd-st
 of the index image with every blob's sha256 verified. Uses bench/loadgen
 (<AM_BUILD_DIR or build/dev>/bench/loadgen) when it exists, else a Python keep-alive
 client. VmRSS is sampled every second. Warm-up: every kind once and the first 20% of the
-requests. After it (the soak runs at least 3 s past it) the RSS peak may exceed the
-warm-up peak by at most 10% (AM_SOAK_MAX_GROWTH) plus 1 MiB (AM_SOAK_SLACK_MIB: bounded
-caches such as the server's 256 x 4 KiB write-request cache can fill at any time), and the
-least-squares slope of RSS over requests after the warm-up, extrapolated over those
-requests, must stay under 10% of the warm-up peak (a per-request leak). Any failed
+requests. After it (the soak runs at least 3 s past it) the RSS where it settles (the
+highest sample in the last 20% of the requests) may exceed the warm-up peak by at most 10%
+(AM_SOAK_MAX_GROWTH) plus 2 MiB (AM_SOAK_SLACK_MIB: bounded buffers fill and drain under
+load: the pull log buffers up to 16 MiB of records when its writer is behind — every GET
+of a platform manifest is a pull record —, the server caches 256 x 4 KiB write requests);
+a transient peak may not pass 64 MiB (AM_SOAK_MAX_RSS_MIB); and the least-squares slope of RSS over requests in the
+second half of the post-warm-up time, extrapolated over all post-warm-up requests, must
+stay under 10% of the warm-up peak (a per-request leak does not level off). Any failed
 request fails the soak. Prints the timeline (VmRSS / RssAnon / RssFile).
 """
 import json
@@ -824,31 +827,42 @@ class SoakTest(testbase.IntegrationCase):
         base = max(s[2] for s in warm)
         peak = max(s[2] for s in after)
         final = samples[-1][2]
-        slack = float(os.environ.get("AM_SOAK_SLACK_MIB", "1")) * MiB
-        # a leak is a slope: least squares of VmRSS over requests after the warm-up,
-        # extrapolated over the requests served after it
-        pts = [(n, r) for _, n, r, _, _ in after]
+        # where it settled: the highest sample in the last 20% (by requests) of the run
+        n_end = after[0][1] + 0.8 * (done - after[0][1])
+        settled = max([s[2] for s in after if s[1] >= n_end] or [final])
+        max_rss = float(os.environ.get("AM_SOAK_MAX_RSS_MIB", "64")) * MiB
+        slack = float(os.environ.get("AM_SOAK_SLACK_MIB", "2")) * MiB
+        # A leak is a slope that does not level off: least squares of VmRSS over requests
+        # in the second half (by requests) of the time after the warm-up, extrapolated over
+        # every request served after the warm-up. (A one-off step, e.g. a bounded buffer
+        # filling, levels off and does not count; it is bounded by the peak check.)
+        n0 = after[0][1]
+        mid = n0 + (done - n0) / 2.0
+        pts = [(n, r) for _, n, r, _, _ in after if n >= mid]
         slope = 0.0
         if len(pts) >= 3 and pts[-1][0] > pts[0][0]:
             mx = sum(n for n, _ in pts) / len(pts)
             my = sum(r for _, r in pts) / len(pts)
             den = sum((n - mx) ** 2 for n, _ in pts)
             slope = sum((n - mx) * (r - my) for n, r in pts) / den if den else 0.0
-        trend = slope * max(0, done - pts[0][0]) if pts else 0.0
+        trend = slope * max(0, done - n0)
         lines = ["soak: %d requests in %.0fs (%.0f req/s) with %s" % (
             done, took, done / took, lg or "the Python client"),
             "  per kind: %s" % per_kind,
-            "  VmRSS at start %.1f MiB; warm-up (%.0fs) peak %.1f MiB; peak after it %.1f MiB "
-            "(%+.1f%%); final %.1f MiB; trend after warm-up %+.2f MiB (%.2f bytes/request)"
-            % (samples[0][2] / MiB, t_warm, base / MiB, peak / MiB,
-               (peak - base) * 100.0 / base, final / MiB, trend / MiB, slope),
+            "  VmRSS at start %.1f MiB; warm-up (%.0fs) peak %.1f MiB; after it: transient peak "
+            "%.1f MiB, settled (last 20%%) %.1f MiB (%+.1f%%), final %.1f MiB; trend %+.2f MiB "
+            "(%.3f bytes/request)" % (samples[0][2] / MiB, t_warm, base / MiB, peak / MiB,
+                                      settled / MiB, (settled - base) * 100.0 / base,
+                                      final / MiB, trend / MiB, slope),
             "  timeline (s, requests, VmRSS/RssAnon/RssFile MiB): " + ", ".join(
                 "(%.0f, %d, %.1f/%.1f/%.1f)" % (t, n, r / MiB, a / MiB, f / MiB)
                 for t, n, r, a, f in samples[::max(1, len(samples) // 40)])]
         sys.stderr.write("\n" + "\n".join(lines) + "\n")
-        self.assertLessEqual(peak, base * (1 + max_growth) + slack,
-                             "RSS grew more than %d%% (+%.1f MiB for bounded caches) after "
+        self.assertLessEqual(settled, base * (1 + max_growth) + slack,
+                             "RSS grew more than %d%% (+%.1f MiB for bounded buffers) after "
                              "warm-up:\n%s" % (max_growth * 100, slack / MiB, "\n".join(lines)))
+        self.assertLessEqual(peak, max_rss, "RSS peaked over %.0f MiB:\n%s" % (
+            max_rss / MiB, "\n".join(lines)))
         self.assertLessEqual(trend, base * max_growth,
                              "RSS keeps growing with requests after warm-up:\n%s"
                              % "\n".join(lines))

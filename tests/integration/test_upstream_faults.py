@@ -58,7 +58,6 @@ UNAVAILABLE, no connection reaches the loopback proxy, the log says refused
 (allow_private_redirects is off); a second archmirror with allow_private_redirects true
 follows the same redirect to the loopback proxy and serves exact bytes.
 """
-import hashlib
 import json
 import os
 import random
@@ -70,7 +69,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import faultproxy, httpc, images, registry, testbase  # noqa: E402
+from harness import faultproxy, images, registry, testbase  # noqa: E402
 
 NS = "example.com"
 OCI_ERR_JSON = b'{"errors":[{"code":"%s","message":"faked by the test"}]}'
