@@ -345,6 +345,23 @@ static int append_urlenc(struct am_buf *b, const char *s, size_t n)
 /* Loopback, link-local and unspecified addresses (where a redirect must not lead us
  * unless allowed): 127/8, 0/8, 169.254/16, ::1, ::, fe80::/10, and their v4-mapped
  * forms. */
+/* 169.254/16 and fe80::/10: where cloud metadata services answer (169.254.169.254). */
+static bool addr_is_link_local(const struct sockaddr *sa)
+{
+    if (sa->sa_family == AF_INET) {
+        uint32_t a = ntohl(((const struct sockaddr_in *)(const void *)sa)->sin_addr.s_addr);
+        return (a >> 16) == 0xa9fe;
+    }
+    if (sa->sa_family == AF_INET6) {
+        const uint8_t *b = ((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr.s6_addr;
+        static const uint8_t zero[10];
+        if (b[0] == 0xfe && (b[1] & 0xc0) == 0x80) return true;
+        return memcmp(b, zero, 10) == 0 && b[10] == 0xff && b[11] == 0xff && b[12] == 169 &&
+               b[13] == 254;
+    }
+    return false;
+}
+
 static bool addr_is_private(const struct sockaddr *sa)
 {
     if (sa->sa_family == AF_INET) {
@@ -393,8 +410,9 @@ struct xchg {
     size_t method_len;  /* request line parts inside wire, for the log line */
     size_t target_len;
     bool is_head;
-    bool private_ok; /* may connect to loopback/link-local addresses */
-    bool log_query;  /* the query is ours, not a redirect's (maybe signed) one */
+    bool private_ok;    /* may connect to loopback/link-local addresses */
+    bool link_local_ok; /* … and to link-local ones in particular */
+    bool log_query;     /* the query is ours, not a redirect's (maybe signed) one */
     bool paused;
     bool reused;    /* on a pooled conn */
     bool retried;   /* the one retry on a new conn was used */
@@ -422,6 +440,7 @@ struct conn {
     enum conn_phase phase;
     struct origin org;
     bool private_ok;
+    bool link_local_ok;
     bool pooled;
     uv_timer_t timer;
     uv_tcp_t tcp;
@@ -1291,7 +1310,8 @@ static int conn_try_next(struct conn *c)
         if ((ai->ai_family != AF_INET && ai->ai_family != AF_INET6) ||
             ai->ai_addrlen > sizeof c->peer)
             continue;
-        if (!c->private_ok && addr_is_private(ai->ai_addr)) {
+        if ((!c->private_ok && addr_is_private(ai->ai_addr)) ||
+            (!c->link_local_ok && addr_is_link_local(ai->ai_addr))) {
             c->skipped_private = true;
             continue;
         }
@@ -1371,6 +1391,7 @@ static int conn_new(struct xchg *x)
     c->up = up;
     c->org = x->org;
     c->private_ok = x->private_ok;
+    c->link_local_ok = x->link_local_ok;
     c->id = ++up->next_conn_id;
     c->state = C_RESOLVING;
     link_init(&c->defer);
@@ -1448,6 +1469,9 @@ static int xchg_prepare(struct xchg *x, const struct origin *org, bool is_head, 
     x->is_head = is_head;
     x->private_ok =
         origin_eq(org, &up->origin) || up->opts.allow_private_redirects || up->self_private;
+    /* An upstream that is itself on loopback (a test or sidecar registry) may redirect
+     * to loopback, but never to the cloud metadata range unless configured to. */
+    x->link_local_ok = origin_eq(org, &up->origin) || up->opts.allow_private_redirects;
     x->log_query = log_query;
     x->retried = false;
     x->method_len = strlen(method);
@@ -1475,7 +1499,9 @@ static int xchg_start(struct xchg *x, bool fresh)
     if (!fresh) {
         for (struct link *l = up->pool.next; l != &up->pool; l = l->next) {
             struct conn *c = container_of(l, struct conn, link);
-            if (!origin_eq(&c->org, &x->org) || (c->peer_private && !x->private_ok)) continue;
+            if (!origin_eq(&c->org, &x->org) || (c->peer_private && !x->private_ok) ||
+                (!x->link_local_ok && addr_is_link_local((const struct sockaddr *)&c->peer)))
+                continue;
             link_remove(&c->link);
             link_push_back(&up->busy, &c->link);
             c->pooled = false;

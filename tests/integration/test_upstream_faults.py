@@ -485,6 +485,40 @@ class StaleOn5xxTest(FaultCase):
         self.assertServedFromUpstream(cached, "tag back")
 
 
+class LoopbackUpstreamRedirectTest(FaultCase):
+    """An upstream that is itself on loopback (a sidecar or test registry) may redirect to
+    loopback, but never to the link-local range where cloud metadata answers."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        testbase.require_archmirror()
+        cls.registry = cls.start_registry()
+        cls.client = cls.registry.client()
+        cls.fp = cls.start_faultproxy(cls.registry)
+        cls.am = cls.start_archmirror(upstreams=[("example.com", cls.fp.url)])
+
+    def test_link_local_refused_even_for_a_loopback_upstream(self):
+        objs = image_objects(self.client, "loopback-link-local")
+        for obj in (objs[0], objs[2]):
+            with self.subTest(object=obj.label):
+                self.fp.fake(obj.up_path, 307, {"Location": "http://169.254.169.254" + obj.up_path})
+                r = self.request(obj)
+                self.assertError(r, 502, "UNAVAILABLE", "redirect to 169.254.169.254")
+                self.fp.unfake()
+        self.assertLog(r"169\.254\.169\.254(:\d+)? resolves only to loopback/link-local", "metadata")
+        self.assertNothingCached([objs[0], objs[2]], "redirect to the metadata address")
+
+    def test_loopback_redirect_followed_for_a_loopback_upstream(self):
+        objs = image_objects(self.client, "loopback-loopback")
+        blob = objs[2]
+        self.fp.fake(blob.up_path, 307,
+                     {"Location": "http://127.0.0.1:%d%s" % (self.registry.port, blob.up_path)},
+                     times=1)
+        r = self.request(blob)
+        self.assertBlobResponse(r, blob.blob, "GET", "loopback redirect from a loopback upstream")
+
+
 class TcpSwitch:
     """A loopback TCP listener whose mode decides what each new connection gets:
     "pipe" relays bytes to target (host, port); "garbage" reads the first bytes (the
