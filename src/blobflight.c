@@ -524,8 +524,10 @@ static void on_up_body(void *arg, const char *data, size_t len)
 static void on_up_done(void *arg, int err)
 {
     struct flight *fl = arg;
+    const char *why = fl->ureq ? am_upstream_req_message(fl->ureq) : NULL;
     fl->ureq = NULL;
     if (err) {
+        if (why && why[0]) AM_WARN("blob %s: upstream: %s", fl->digest.str, why);
         flight_fail(fl, err);
     } else if (!fl->got_head) {
         flight_fail(fl, AM_EUPSTREAM_PROTOCOL);

@@ -382,10 +382,14 @@ static void finish_tag_head(struct pull *p)
 static void on_up_done(void *arg, int err)
 {
     struct pull *p = arg;
+    /* The client's one line says what failed (a refused redirect's target, the TLS
+     * verify error…); it is only valid during this callback. */
+    const char *why = p->ureq ? am_upstream_req_message(p->ureq) : NULL;
     p->ureq = NULL;
     if (err || !p->got_head) {
         if (!err) err = AM_EUPSTREAM_PROTOCOL;
-        AM_WARN("%s upstream %s for %s: %s", p->ctx, up_name(p), p->repo, am_error_message(err));
+        AM_WARN("%s upstream %s for %s: %s%s%s", p->ctx, up_name(p), p->repo, am_error_message(err),
+                why && why[0] ? ": " : "", why ? why : "");
         if (!(p->kind != PULL_DIGEST && may_serve_stale(err, 0) &&
               serve_stale(p, am_error_message(err))))
             deliver_error(p, err, NULL);
