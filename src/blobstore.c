@@ -105,6 +105,7 @@
 #include "archmirror/error.h"
 #include "archmirror/le.h"
 #include "archmirror/log.h"
+#include "archmirror/schema.h"
 
 #define SCHEMA_VERSION 1u
 #define VALUE_VERSION  1u
@@ -1584,17 +1585,7 @@ static int check_schema(MDB_txn *txn, MDB_dbi dbi, const char *path, char *msg, 
         fill_msg(msg, msglen, "%s: reading the schema version: %s", path, mdb_strerror(rc));
         return from_mdb(rc);
     }
-    if (v.mv_size != 4) {
-        fill_msg(msg, msglen, "%s: corrupt schema version (%zu bytes)", path, v.mv_size);
-        return AM_ESTORE;
-    }
-    uint32_t ver = am_le_get32(v.mv_data);
-    if (ver != SCHEMA_VERSION) {
-        fill_msg(msg, msglen, "%s: schema version %u is %s (this archmirror reads %u)", path, ver,
-                 ver > SCHEMA_VERSION ? "newer than supported" : "unknown", SCHEMA_VERSION);
-        return AM_ESTORE;
-    }
-    return 0;
+    return am_schema_check(v.mv_data, v.mv_size, SCHEMA_VERSION, path, msg, msglen);
 }
 
 /* ---- opening: the files ---- */

@@ -89,6 +89,7 @@
 #include "archmirror/httpserver.h"
 #include "archmirror/le.h"
 #include "archmirror/log.h"
+#include "archmirror/schema.h"
 #include "archmirror/platform.h"
 #include "archmirror/reference.h"
 
@@ -634,17 +635,7 @@ static int check_schema(struct am_pulllog *pl, MDB_txn *txn, char *msg, size_t m
         fill_msg(msg, msglen, "%s: schema version: %s", pl->db_path, mdb_strerror(rc));
         return from_mdb(rc);
     }
-    if (v.mv_size != 4) {
-        fill_msg(msg, msglen, "%s: corrupt schema version (%zu bytes)", pl->db_path, v.mv_size);
-        return AM_ESTORE;
-    }
-    uint32_t ver = am_le_get32(v.mv_data);
-    if (ver != SCHEMA_VERSION) {
-        fill_msg(msg, msglen, "%s: schema version %u is %s (this archmirror reads %u)", pl->db_path,
-                 ver, ver > SCHEMA_VERSION ? "newer than supported" : "unknown", SCHEMA_VERSION);
-        return AM_ESTORE;
-    }
-    return 0;
+    return am_schema_check(v.mv_data, v.mv_size, SCHEMA_VERSION, pl->db_path, msg, msglen);
 }
 
 /* Opens the env and its DBs (creating them) in one write transaction. Startup only. */
