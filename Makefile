@@ -2,7 +2,7 @@
 # CMake does the building; this wrapper installs Debian packages and picks build dirs.
 
 BUILD_PKGS := cmake gcc make pkg-config libuv1-dev liblmdb-dev libjansson-dev libssl-dev node-llhttp
-TEST_PKGS  := libcmocka-dev docker-registry containerd skopeo curl openssl python3 python3-cryptography python3-yaml
+TEST_PKGS  := libcmocka-dev docker-registry containerd skopeo curl openssl python3 python3-cryptography python3-yaml nginx
 JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
 ARGS       ?=
 CTEST_ARGS ?=
@@ -96,6 +96,13 @@ test-arm64: deps-test
 		ARCHMIRROR_BIN=$(CURDIR)/build/arm64/archmirror-qemu AM_SOURCE_DIR=$(CURDIR) \
 			PYTHONDONTWRITEBYTECODE=1 /usr/bin/python3 tests/integration/$$t.py; \
 	done
+	cmake --build build/arm64 -j $(JOBS) --target loadgen
+	@printf '#!/bin/sh\nexec %s %s "$$@"\n' "$$(command -v qemu-aarch64-static)" "$(CURDIR)/build/arm64/bench/loadgen" > build/arm64/loadgen-qemu
+	@chmod +x build/arm64/loadgen-qemu
+	@echo "== bench/run --smoke with the arm64 loadgen and archmirror under qemu-aarch64-static"
+	/usr/bin/python3 bench/run --smoke --no-perf --no-pin --archmirror $(CURDIR)/build/arm64/archmirror-qemu \
+		--loadgen $(CURDIR)/build/arm64/loadgen-qemu --out $(CURDIR)/build/arm64/bench-smoke \
+		--work $(CURDIR)/build/arm64/bench-smoke-work
 
 # Benchmark against nginx proxy_cache and distribution's proxy mode (bench/README.md):
 # `make bench` (a few minutes), `make bench BENCH_ARGS=--quick` (~1 min),

@@ -23,8 +23,11 @@
 #include "archmirror/http.h"
 #include "archmirror/log.h"
 #include "archmirror/metrics.h"
+#include "archmirror/pagecache.h"
 
 #define READ_CHUNK      (256u * 1024)
+#define SENDFILE_CHUNK  (2u << 20)
+#define SENDFILE_BURST  4
 #define HIGH_WATER      (1u << 20)
 #define DISK_LAG_MAX    (16u << 20)
 #define DISK_LAG_RESUME (4u << 20)
@@ -234,6 +237,7 @@ static void on_file_read(uv_fs_t *req)
     }
     if (am_http_write(w->ex, w->buf, (size_t)n) != 0) return; /* on_gone follows */
     w->pos += (uint64_t)n;
+    w->bf->stats.copied_bytes += (uint64_t)n;
     waiter_pump(w);
 }
 
@@ -264,11 +268,36 @@ static void waiter_pump(struct waiter *w)
         }
         w->own_fd = true;
     }
+    uint64_t want = lim - w->pos;
+    if (am_http_can_sendfile(w->ex)) {
+        /* Zero-copy from the page cache; a range that is not resident is read on the
+         * thread pool below (which brings it in), so the loop never waits for the disk.
+         * At most SENDFILE_BURST chunks per wakeup, so one fast client cannot starve
+         * the others. */
+        bool sent_any = false;
+        for (int burst = 0; burst < SENDFILE_BURST && w->pos < lim; burst++) {
+            uint64_t left = lim - w->pos;
+            size_t chunk = left < SENDFILE_CHUNK ? (size_t)left : SENDFILE_CHUNK;
+            size_t res = am_pagecache_resident(w->fd, w->pos, chunk);
+            if (!res) break;
+            size_t sent;
+            int rc = am_http_sendfile(w->ex, w->fd, w->pos, res, &sent);
+            if (rc != 0) {
+                if (rc != AM_ENOMEM && rc != AM_EINVAL) return; /* gone: on_gone follows */
+                break;
+            }
+            w->pos += sent;
+            w->bf->stats.sendfile_bytes += sent;
+            sent_any = true;
+            if (sent < res) break; /* the socket is full */
+        }
+        if (sent_any) return; /* on_drain brings us back when the socket takes more */
+        want = lim - w->pos;
+    }
     if (!w->buf && !(w->buf = malloc(READ_CHUNK))) {
         waiter_fail(w, AM_ENOMEM, NULL);
         return;
     }
-    uint64_t want = lim - w->pos;
     uv_buf_t b = uv_buf_init(w->buf, want < READ_CHUNK ? (unsigned)want : READ_CHUNK);
     w->req.data = w;
     int rc = uv_fs_read(w->bf->loop, &w->req, w->fd, &b, 1, (int64_t)w->pos, on_file_read);

@@ -102,6 +102,7 @@
 #include <unistd.h>
 
 #include "archmirror/dirs.h"
+#include "archmirror/dlist.h"
 #include "archmirror/error.h"
 #include "archmirror/le.h"
 #include "archmirror/log.h"
@@ -136,45 +137,14 @@
 
 #define container_of(p, type, member) ((type *)((char *)(p)-offsetof(type, member)))
 
-/* ---- intrusive doubly-linked lists (circular, with a head node) ---- */
-
-struct dlink {
-    struct dlink *prev;
-    struct dlink *next;
-};
-
-static void dl_init(struct dlink *n)
-{
-    n->prev = n->next = n;
-}
-static bool dl_linked(const struct dlink *n)
-{
-    return n->next != n;
-}
-
-static void dl_remove(struct dlink *n)
-{
-    n->prev->next = n->next;
-    n->next->prev = n->prev;
-    dl_init(n);
-}
-
-static void dl_push_tail(struct dlink *head, struct dlink *n)
-{
-    n->prev = head->prev;
-    n->next = head;
-    head->prev->next = n;
-    head->prev = n;
-}
-
 /* ---- types ---- */
 
 enum blob_state { B_FINALIZING, B_PRESENT, B_DOOMED, B_UNLINKING };
 
 struct blob {
     struct blob *hnext;                  /* hash chain */
-    struct dlink lru;                    /* in bs->lru while PRESENT */
-    struct dlink dirty;                  /* in bs->dirty while its access record is unwritten */
+    struct am_dlink lru;                 /* in bs->lru while PRESENT */
+    struct am_dlink dirty;               /* in bs->dirty while its access record is unwritten */
     struct blob *reap_next;              /* in the reaper's lists while UNLINKING */
     struct am_blobstore_writer *waiters; /* commits of this digest waiting for it to settle */
     char *media_type;                    /* owned, or NULL when unknown */
@@ -221,8 +191,8 @@ struct am_blobstore {
     struct blob **buckets; /* owned */
     size_t nbuckets;       /* a power of two */
     size_t nindexed;       /* blobs in the hash, any state */
-    struct dlink lru;      /* PRESENT blobs, least recently used first */
-    struct dlink dirty;    /* blobs with an unwritten access record */
+    struct am_dlink lru;   /* PRESENT blobs, least recently used first */
+    struct am_dlink dirty; /* blobs with an unwritten access record */
     size_t ndirty;
 
     struct blob *reap_pending; /* UNLINKING, waiting for the reaper (loop's) */
@@ -427,8 +397,8 @@ static struct blob *index_add(struct am_blobstore *bs, const struct am_digest *d
 {
     struct blob *b = calloc(1, sizeof *b);
     if (!b) return NULL;
-    dl_init(&b->lru);
-    dl_init(&b->dirty);
+    am_dl_init(&b->lru);
+    am_dl_init(&b->dirty);
     b->digest = *d;
     b->state = state;
     index_grow(bs);
@@ -456,15 +426,15 @@ static void blob_free(struct blob *b)
 
 static void mark_dirty(struct am_blobstore *bs, struct blob *b)
 {
-    if (dl_linked(&b->dirty)) return;
-    dl_push_tail(&bs->dirty, &b->dirty);
+    if (am_dl_linked(&b->dirty)) return;
+    am_dl_push_tail(&bs->dirty, &b->dirty);
     bs->ndirty++;
 }
 
 static void clear_dirty(struct am_blobstore *bs, struct blob *b)
 {
-    if (!dl_linked(&b->dirty)) return;
-    dl_remove(&b->dirty);
+    if (!am_dl_linked(&b->dirty)) return;
+    am_dl_remove(&b->dirty);
     bs->ndirty--;
 }
 
@@ -472,7 +442,7 @@ static void clear_dirty(struct am_blobstore *bs, struct blob *b)
 static void make_present(struct am_blobstore *bs, struct blob *b)
 {
     b->state = B_PRESENT;
-    dl_push_tail(&bs->lru, &b->lru);
+    am_dl_push_tail(&bs->lru, &b->lru);
     bs->stats.bytes_used += b->size;
     bs->stats.blobs++;
 }
@@ -481,7 +451,7 @@ static void make_present(struct am_blobstore *bs, struct blob *b)
 static void make_invisible(struct am_blobstore *bs, struct blob *b)
 {
     assert(b->state == B_PRESENT);
-    dl_remove(&b->lru);
+    am_dl_remove(&b->lru);
     clear_dirty(bs, b);
     bs->stats.bytes_used -= b->size;
     bs->stats.blobs--;
@@ -750,7 +720,7 @@ static void reap_kick(struct am_blobstore *bs)
 /* Queues an invisible blob without readers for unlinking. */
 static void reap(struct am_blobstore *bs, struct blob *b)
 {
-    assert(b->readers == 0 && !dl_linked(&b->lru));
+    assert(b->readers == 0 && !am_dl_linked(&b->lru));
     b->state = B_UNLINKING;
     b->reap_next = bs->reap_pending;
     bs->reap_pending = b;
@@ -776,7 +746,7 @@ static void maybe_evict(struct am_blobstore *bs)
     if (bs->closing || bs->max_bytes == 0) return;
     if (bs->stats.bytes_used > bs->high_bytes) bs->evict_wanted = true;
     if (!bs->evict_wanted) return;
-    struct dlink *l = bs->lru.next;
+    struct am_dlink *l = bs->lru.next;
     while (l != &bs->lru && bs->stats.bytes_used > bs->low_bytes) {
         struct blob *b = container_of(l, struct blob, lru);
         l = l->next;
@@ -1429,8 +1399,8 @@ int am_blobstore_open(struct am_blobstore *bs, const struct am_digest *digest,
     b->readers++;
     b->hits++;
     b->last_access_ms = now_ms();
-    dl_remove(&b->lru);
-    dl_push_tail(&bs->lru, &b->lru);
+    am_dl_remove(&b->lru);
+    am_dl_push_tail(&bs->lru, &b->lru);
     mark_dirty(bs, b);
     bs->stats.hits++;
     bs->stats.readers++;
@@ -1832,8 +1802,8 @@ int am_blobstore_open_store(uv_loop_t *loop, const char *data_dir,
     }
     if (!(bs = calloc(1, sizeof *bs))) goto nomem;
     bs->loop = loop;
-    dl_init(&bs->lru);
-    dl_init(&bs->dirty);
+    am_dl_init(&bs->lru);
+    am_dl_init(&bs->dirty);
     bs->max_bytes = o.max_bytes;
     bs->high_bytes = o.max_bytes / 100 * o.high_pct + o.max_bytes % 100 * o.high_pct / 100;
     bs->low_bytes = o.max_bytes / 100 * o.low_pct + o.max_bytes % 100 * o.low_pct / 100;

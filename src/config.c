@@ -156,6 +156,15 @@ static const struct field fields[] = {
     {"server", "drain_timeout", K_DURATION, C_U64(drain_timeout_ms), "\"10s\"", 0, 10 * MINUTE, 0,
      "On SIGTERM/SIGINT, requests in progress get this long before their connections are "
      "closed."},
+    {"server", "sendfile", K_BOOL, C_BOOL(sendfile), "true", 0, 0, 0,
+     "Send cached blob bodies with sendfile(2) from the page cache (plain TCP); false copies "
+     "them through memory. Ranges not in memory are read on the thread pool either way."},
+    {"server", "tls_cert_file", K_NSTRING, C_STR(tls_cert_file), "null", 0, 0, 0,
+     "PEM certificate chain (leaf first) for HTTPS on the listen addresses; needs "
+     "tls_key_file. Re-read on SIGHUP. null: plain HTTP."},
+    {"server", "tls_key_file", K_NSTRING, C_STR(tls_key_file), "null", 0, 0, 0,
+     "PEM private key of tls_cert_file. Re-read on SIGHUP together with the certificate; "
+     "a pair that fails to load keeps the previous one."},
 
     {"", "upstream_client", K_OBJECT, 0, NULL, 0, 0, 0,
      "How archmirror talks to upstream registries."},
@@ -183,14 +192,20 @@ static const struct field fields[] = {
     {"cache", "metastore_map_size", K_SIZE, C_U64(metastore_map_bytes), "\"1GiB\"", MIB, TIB, 0,
      "Size of the LMDB map that holds manifests and tags: the most it can grow to, not disk "
      "space used up front."},
+    {"cache", "manifest_max_size", K_SIZE, C_U64(manifest_max_bytes), "0", 0, TIB, 0,
+     "Budget for cached manifests and indexes (their bytes as stored); the least recently "
+     "used are evicted in the background to stay under it, with the evict_*_watermark "
+     "percentages. Must be below metastore_map_size, which also holds LMDB's page overhead "
+     "and the tags; 0: half of metastore_map_size."},
     {"cache", "max_size", K_SIZE, C_U64(blob_max_bytes), "\"10GiB\"", MIB, 1024 * TIB, 0,
      "Disk budget for cached blobs (layers, configs); least-recently-used blobs are evicted "
      "in the background to stay under it."},
     {"cache", "evict_high_watermark", K_UINT, C_U64(blob_high_pct), "95", 1, 100, 0,
-     "Eviction starts when cached blobs exceed this percentage of max_size."},
+     "Eviction starts when cached blobs exceed this percentage of max_size (cached "
+     "manifests: of manifest_max_size)."},
     {"cache", "evict_low_watermark", K_UINT, C_U64(blob_low_pct), "90", 1, 100, 0,
-     "Eviction frees space down to this percentage of max_size; at most "
-     "evict_high_watermark."},
+     "Eviction frees space down to this percentage of max_size (manifests: of "
+     "manifest_max_size); at most evict_high_watermark."},
     {"cache", "blobstore_map_size", K_SIZE, C_U64(blobstore_map_bytes), "\"256MiB\"", MIB, TIB, 0,
      "Size of the LMDB map that holds blob metadata (size, last access, hits)."},
     {"", "pull_log", K_OBJECT, 0, NULL, 0, 0, 0,
@@ -206,12 +221,21 @@ static const struct field fields[] = {
     {"admin", "token_file", K_NSTRING, C_STR(admin_token_file), "null", 0, 0, 0,
      "File holding a bearer token that the admin side requires (Authorization: Bearer …); "
      "read at start-up. null: no token. /healthz and /readyz never need it."},
+    {"admin", "tls_cert_file", K_NSTRING, C_STR(admin_tls_cert_file), "null", 0, 0, 0,
+     "PEM certificate chain for HTTPS on admin.listen; needs admin.tls_key_file and "
+     "admin.listen. Re-read on SIGHUP."},
+    {"admin", "tls_key_file", K_NSTRING, C_STR(admin_tls_key_file), "null", 0, 0, 0,
+     "PEM private key of admin.tls_cert_file."},
     {"pull_log", "dir", K_NSTRING, C_STR(pulllog_dir), "null", 0, 0, 0,
      "Directory of the pull log; null: <data_dir>/pulls."},
     {"pull_log", "rotate_size", K_SIZE, C_U64(pulllog_rotate_bytes), "\"64MiB\"", KIB,
      64 * 1024 * MIB, 0, "A log file is rotated (pulls.jsonl.1 …) when it reaches this size."},
     {"pull_log", "keep_files", K_UINT, C_U64(pulllog_keep_files), "5", 1, 1000, 0,
      "Rotated files kept."},
+    {"pull_log", "dedupe_window", K_DURATION, C_U64(pulllog_dedupe_ms), "\"60s\"", 0, HOUR, 0,
+     "A node that fetches the same platform manifest again within this has not pulled the "
+     "image again: one record, not one per GET (a client looping on GETs cannot flood the "
+     "log). 0 records every completion."},
 };
 #define N_FIELDS (sizeof fields / sizeof fields[0])
 
@@ -476,6 +500,22 @@ static const char *shown(const char *s, char *out, size_t n)
     }
     out[i] = '\0';
     return out;
+}
+
+/* shown() for a URL, with any user:password@ replaced by "***@": a URL refused for
+ * carrying credentials must not print them. */
+static const char *shown_url(const char *url, char *out, size_t n)
+{
+    char tmp[256];
+    const char *auth = strstr(url, "://");
+    auth = auth ? auth + 3 : url;
+    size_t alen = strcspn(auth, "/?#");
+    const char *at = NULL;
+    for (const char *p = auth; p < auth + alen; p++)
+        if (*p == '@') at = p; /* the last '@' ends the userinfo (RFC 3986 §3.2.1) */
+    if (!at) return shown(url, out, n);
+    snprintf(tmp, sizeof tmp, "%.*s***%s", (int)(auth - url), url, at);
+    return shown(tmp, out, n);
 }
 
 /* A file path for a message: its end (the file name) says the most, so a long path
@@ -1155,8 +1195,13 @@ static int load_document(struct am_config *cfg, json_t *root, const json_error_t
 {
     struct loader ld = {.cfg = cfg, .r = r};
     if (!root) {
-        problem(r, "$", "invalid JSON at line %d, column %d: %s", jerr->line, jerr->column,
-                jerr->text);
+        /* jansson quotes the text it choked on ("… near 'hunter2'"): next to an inline
+         * password that is the password, so only the reason and the position are kept. */
+        char why[sizeof jerr->text];
+        snprintf(why, sizeof why, "%s", jerr->text);
+        char *near = strstr(why, " near '");
+        if (near) *near = '\0';
+        problem(r, "$", "invalid JSON at line %d, column %d: %s", jerr->line, jerr->column, why);
         return AM_ECONFIG;
     }
     if (!json_is_object(root)) {
@@ -1413,7 +1458,7 @@ static void check_upstream(const struct am_upstream_conf *ups, size_t i, struct 
     if (!u->url || !*u->url)
         problem(r, path, "is missing");
     else if (check_url(u->url, why, sizeof why))
-        problem(r, path, "\"%s\" %s", shown(u->url, s, sizeof s), why);
+        problem(r, path, "\"%s\" %s", shown_url(u->url, s, sizeof s), why);
 
     if (u->ca_file) {
         path_key(path, sizeof path, base, "ca_file");
@@ -1427,6 +1472,25 @@ static void check_upstream(const struct am_upstream_conf *ups, size_t i, struct 
                 "username is set without a password: set password, password_file or "
                 "password_env");
     if (u->password && !u->username) problem(r, base, "a password is set without a username");
+}
+
+/* A certificate and its key come together, and both must be readable (their contents
+ * are checked when the server loads them). */
+static void check_tls_pair(struct am_config_report *r, const char *section, const char *cert,
+                           const char *key)
+{
+    char path[PATH_LEN];
+    if (!cert != !key) {
+        snprintf(path, sizeof path, "%s.%s", section, cert ? "tls_key_file" : "tls_cert_file");
+        problem(r, path, "must be set together with %s", cert ? "tls_cert_file" : "tls_key_file");
+        return;
+    }
+    const char *files[2] = {cert, key}, *names[2] = {"tls_cert_file", "tls_key_file"};
+    for (int i = 0; i < 2; i++) {
+        if (!files[i] || access(files[i], R_OK) == 0) continue;
+        snprintf(path, sizeof path, "%s.%s", section, names[i]);
+        problem(r, path, "cannot read %s: %s", files[i], strerror(errno));
+    }
 }
 
 int am_config_validate(const struct am_config *cfg, struct am_config_report *r)
@@ -1459,10 +1523,25 @@ int am_config_validate(const struct am_config *cfg, struct am_config_report *r)
     if (cfg->admin_token_file && access(cfg->admin_token_file, R_OK) != 0)
         problem(r, "$.admin.token_file", "cannot read %s: %s", cfg->admin_token_file,
                 strerror(errno));
+    check_tls_pair(r, "$.server", cfg->tls_cert_file, cfg->tls_key_file);
+    check_tls_pair(r, "$.admin", cfg->admin_tls_cert_file, cfg->admin_tls_key_file);
+    if (cfg->admin_tls_cert_file && !cfg->admin_listen)
+        problem(r, "$.admin.tls_cert_file",
+                "needs admin.listen (without it the admin side is on the registry listeners: "
+                "use server.tls_cert_file)");
     if (cfg->blob_low_pct > cfg->blob_high_pct)
         problem(r, "$.cache.evict_low_watermark",
                 "%llu is above evict_high_watermark (%llu): eviction would never stop",
                 (unsigned long long)cfg->blob_low_pct, (unsigned long long)cfg->blob_high_pct);
+    if (cfg->manifest_max_bytes && cfg->manifest_max_bytes >= cfg->metastore_map_bytes) {
+        char a[32], b[32];
+        format_size(cfg->manifest_max_bytes, a, sizeof a);
+        format_size(cfg->metastore_map_bytes, b, sizeof b);
+        problem(r, "$.cache.manifest_max_size",
+                "%s is not below metastore_map_size (%s): the map would fill before eviction "
+                "starts",
+                a, b);
+    }
 
     if (cfg->n_listen == 0) problem(r, "$.listen", "must list at least one address");
     check_listen_list(cfg->listen, cfg->n_listen, r);
@@ -1571,7 +1650,7 @@ int am_config_set_upstream(struct am_config *cfg, const char *name_eq_url, char 
         goto fail;
     }
     if (check_url(url, why, sizeof why)) {
-        set_msg(msg, n, "upstream %s: URL \"%s\" %s", name, shown(url_in, s, sizeof s), why);
+        set_msg(msg, n, "upstream %s: URL \"%s\" %s", name, shown_url(url_in, s, sizeof s), why);
         goto fail;
     }
     if (!cfg->upstreams_overridden) {

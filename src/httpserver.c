@@ -32,15 +32,22 @@
 
 #include <arpa/inet.h>
 #include <assert.h>
+#include <errno.h>
 #include <llhttp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "archmirror/buf.h"
 #include "archmirror/error.h"
 #include "archmirror/log.h"
+#include "archmirror/tls.h"
 
 #define RBUF_SIZE                (16 * 1024)            /* per-connection read buffer */
 #define MAX_BODY                 AM_HTTPSERVER_MAX_BODY /* request bodies are kept up to this */
@@ -52,6 +59,7 @@
 #define LINGER_MS                2000          /* reading after our FIN, so the client sees it */
 #define WREQ_SMALL               4096          /* write requests at most this big are cached */
 #define WREQ_CACHE               256
+#define RBUF_CACHE               64 /* idle read buffers kept for reuse */
 #define LISTEN_BACKLOG           1024
 #define DEFAULT_MAX_HEADER_BYTES (16 * 1024)
 #define DEFAULT_MAX_HEADERS      64
@@ -66,7 +74,7 @@ enum phase {
     PH_CLOSED,  /* uv_close called */
 };
 
-enum timer_kind { T_NONE, T_IDLE, T_HEADER, T_BODY, T_LINGER, T_RESUME };
+enum timer_kind { T_NONE, T_IDLE, T_HANDSHAKE, T_HEADER, T_BODY, T_LINGER, T_RESUME };
 
 struct am_http_exchange {
     struct am_http_request req;
@@ -145,8 +153,21 @@ struct conn {
 
     struct am_http_exchange ex;
 
+    /* Zero-copy bodies: sendfile(2) bypasses libuv's write queue, so libuv never says
+     * when the socket is writable again; a poll on a dup of the socket does. */
+    uv_poll_t *wpoll; /* owned; NULL until the first am_http_sendfile */
+    int wpoll_fd;
+    bool corked; /* TCP_CORK set for a sendfile body: full segments, uncorked at its end */
+
+    /* TLS listeners: ciphertext is read into the server's shared cipher buffer, fed to
+     * the session, and decrypted into rbuf as room allows; responses are encrypted in
+     * conn_send. */
+    struct am_tls *tls; /* owned; NULL on plain HTTP */
+    bool tls_done;      /* handshake complete */
+    bool tls_eof;       /* the client sent close_notify */
+
     size_t rpos, rlen; /* unconsumed bytes are rbuf[rpos, rlen) */
-    char rbuf[];       /* RBUF_SIZE, absent for rejected connections */
+    char *rbuf;        /* RBUF_SIZE; held only while there is input (rbuf_get/_put) */
 };
 
 struct listener {
@@ -194,12 +215,21 @@ struct am_httpserver {
     char date[40];
     size_t date_len;
 
-    char discard[RBUF_SIZE]; /* read target of closing connections */
+    struct am_tls_ctx *tls_ctx; /* owned; new connections speak TLS when set */
+    char discard[RBUF_SIZE];    /* read target of closing connections */
+    char cipher[RBUF_SIZE];     /* read target of TLS connections, fed at once */
+
+    /* Read buffers of connections between requests go back here: an idle keep-alive
+     * connection holds none (thousands of them stay small), a busy one reuses one. */
+    void *free_rbufs; /* singly linked through each buffer's first bytes */
+    size_t n_free_rbufs;
 };
 
 #define EX_CONN(ex) ((struct conn *)((char *)(ex)-offsetof(struct conn, ex)))
 
 static void close_now(struct conn *c);
+static void conn_closed(struct conn *c);
+static void uncork(struct conn *c);
 static void close_gracefully(struct conn *c);
 static void process_input(struct conn *c);
 static void update_reading(struct conn *c);
@@ -269,6 +299,39 @@ static struct wreq *wreq_get(struct am_httpserver *srv, size_t len)
     return w;
 }
 
+/* The connection's read buffer, taken from the cache or allocated; NULL when out of
+ * memory. */
+static char *rbuf_get(struct conn *c)
+{
+    struct am_httpserver *srv = c->srv;
+    if (c->rbuf) return c->rbuf;
+    if (srv && srv->free_rbufs) {
+        c->rbuf = srv->free_rbufs;
+        memcpy(&srv->free_rbufs, c->rbuf, sizeof(void *));
+        srv->n_free_rbufs--;
+    } else {
+        c->rbuf = malloc(RBUF_SIZE);
+    }
+    c->rpos = c->rlen = 0;
+    return c->rbuf;
+}
+
+/* Gives the read buffer back when nothing unparsed is left in it. */
+static void rbuf_put(struct conn *c)
+{
+    struct am_httpserver *srv = c->srv;
+    if (!c->rbuf || c->rpos != c->rlen) return;
+    if (srv && srv->n_free_rbufs < RBUF_CACHE) {
+        memcpy(c->rbuf, &srv->free_rbufs, sizeof(void *));
+        srv->free_rbufs = c->rbuf;
+        srv->n_free_rbufs++;
+    } else {
+        free(c->rbuf);
+    }
+    c->rbuf = NULL;
+    c->rpos = c->rlen = 0;
+}
+
 static void wreq_put(struct am_httpserver *srv, struct wreq *w)
 {
     if (srv && w->cap == WREQ_SMALL && srv->n_free_wreqs < WREQ_CACHE) {
@@ -284,9 +347,67 @@ static void on_write(uv_write_t *req, int status);
 
 /* Sends bufs in order after anything already queued, copying what the kernel does not
  * take at once. Returns 0 or a libuv error (nothing was queued then). */
+/* Queues w (its data: what the kernel did not take) after the writes in flight; w is
+ * freed on failure or in on_write. Returns 0 or a libuv error. */
+static int wreq_submit(struct conn *c, struct wreq *w)
+{
+    uv_buf_t b = uv_buf_init(w->data, (unsigned)w->len);
+    int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
+    if (rc) {
+        wreq_put(c->srv, w);
+        return rc;
+    }
+    c->queued += w->len;
+    c->writes_pending++;
+    return 0;
+}
+
+/* Puts the session's waiting ciphertext on the wire (TLS). Returns 0 or a libuv error. */
+static int tls_send(struct conn *c)
+{
+    size_t pend = am_tls_pending(c->tls);
+    if (pend == 0) return 0;
+    struct wreq *w = wreq_get(c->srv, pend);
+    if (!w) return UV_ENOMEM;
+    w->c = c;
+    w->len = am_tls_take(c->tls, w->data, pend);
+    size_t done = 0;
+    if (c->writes_pending == 0) {
+        uv_buf_t b = uv_buf_init(w->data, (unsigned)w->len);
+        int n = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+        if (n >= 0) {
+            done = (size_t)n;
+        } else if (n != UV_EAGAIN) {
+            wreq_put(c->srv, w);
+            return n;
+        }
+    }
+    if (done == w->len) {
+        wreq_put(c->srv, w);
+        return 0;
+    }
+    if (done) {
+        memmove(w->data, w->data + done, w->len - done);
+        w->len -= done;
+    }
+    return wreq_submit(c, w);
+}
+
 static int conn_send(struct conn *c, const uv_buf_t *bufs, unsigned nbufs)
 {
     size_t total = 0, done = 0;
+    if (c->tls) {
+        char msg[160];
+        for (unsigned i = 0; i < nbufs; i++) {
+            if (!bufs[i].len) continue;
+            int rc = am_tls_write(c->tls, bufs[i].base, bufs[i].len, msg, sizeof msg);
+            if (rc) {
+                AM_DEBUG("c%llu %s", ull(c->id), rc == AM_ENOMEM ? "out of memory" : msg);
+                return rc == AM_ENOMEM ? UV_ENOMEM : UV_EPROTO;
+            }
+        }
+        return tls_send(c);
+    }
     for (unsigned i = 0; i < nbufs; i++) total += bufs[i].len;
     if (total == 0) return 0;
     if (c->writes_pending == 0) {
@@ -311,15 +432,7 @@ static int conn_send(struct conn *c, const uv_buf_t *bufs, unsigned nbufs)
         at += len - skip;
         skip = 0;
     }
-    uv_buf_t b = uv_buf_init(w->data, (unsigned)w->len);
-    int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
-    if (rc) {
-        wreq_put(c->srv, w);
-        return rc;
-    }
-    c->queued += w->len;
-    c->writes_pending++;
-    return 0;
+    return wreq_submit(c, w);
 }
 
 static void begin_shutdown(struct conn *c);
@@ -510,6 +623,9 @@ static void conn_free(struct conn *c)
     am_buf_cleanup(&c->bbuf);
     am_buf_cleanup(&c->obuf);
     am_buf_cleanup(&c->ebuf);
+    am_tls_free(c->tls);
+    c->rpos = c->rlen;
+    rbuf_put(c);
     free(c->spans);
     free(c->hdrs);
     free(c);
@@ -543,6 +659,16 @@ static void on_conn_handle_closed(uv_handle_t *h)
     if (--c->handles_open == 0) conn_closed(c);
 }
 
+/* The dup is closed only after the poll handle, which watched it, is gone. */
+static void on_wpoll_closed(uv_handle_t *h)
+{
+    struct conn *c = h->data;
+    close(c->wpoll_fd);
+    c->wpoll = NULL;
+    free(h);
+    if (--c->handles_open == 0) conn_closed(c);
+}
+
 static void close_now(struct conn *c)
 {
     if (c->phase == PH_CLOSED) return;
@@ -555,6 +681,7 @@ static void close_now(struct conn *c)
     c->reading = false;
     uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
     uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
+    if (c->wpoll) uv_close((uv_handle_t *)c->wpoll, on_wpoll_closed);
 }
 
 static void on_shutdown(uv_shutdown_t *req, int status)
@@ -576,6 +703,10 @@ static void begin_shutdown(struct conn *c)
 {
     if (c->shutting) return;
     c->shutting = true;
+    if (c->tls && c->tls_done) {
+        am_tls_close_notify(c->tls); /* a clean end of the TLS stream, then FIN */
+        tls_send(c);
+    }
     c->shutdown_req.data = c;
     if (uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->tcp, on_shutdown) != 0) close_now(c);
 }
@@ -598,6 +729,14 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
     struct conn *c = h->data;
     if (c->phase >= PH_CLOSING || c->rejected) {
         *buf = uv_buf_init(c->srv->discard, sizeof c->srv->discard);
+        return;
+    }
+    if (c->tls) {
+        *buf = uv_buf_init(c->srv->cipher, sizeof c->srv->cipher);
+        return;
+    }
+    if (!rbuf_get(c)) {
+        *buf = uv_buf_init(NULL, 0); /* libuv reports UV_ENOBUFS: the read ends */
         return;
     }
     if (c->rpos == c->rlen) {
@@ -632,11 +771,10 @@ static void update_reading(struct conn *c)
     }
 }
 
-static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+/* The client's stream ended (err UV_EOF, or a read error). */
+static void read_end(struct conn *c, ssize_t nread)
 {
-    struct conn *c = s->data;
-    if (nread == 0 || c->phase == PH_CLOSED) return;
-    if (nread < 0) {
+    {
         c->reading = false;
         if (nread == UV_EOF) c->eof = true;
         switch (c->phase) {
@@ -657,11 +795,89 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             close_now(c);
             break;
         }
+    }
+}
+
+/* Drives the handshake, then moves decrypted input into rbuf as room allows, and sends
+ * whatever the session produced (handshake messages, alerts, key updates). Returns false
+ * when it closed the connection. */
+static bool tls_fill(struct conn *c)
+{
+    char msg[160];
+    int rc;
+    if (!c->tls_done) {
+        rc = am_tls_handshake(c->tls, msg, sizeof msg);
+        int wrc = tls_send(c);
+        if (rc < 0 || wrc) {
+            AM_DEBUG("c%llu %s: %s", ull(c->id), c->peer, rc < 0 ? msg : uv_strerror(wrc));
+            close_now(c);
+            return false;
+        }
+        if (rc == 0) return true;
+        c->tls_done = true;
+        AM_DEBUG("c%llu %s %s", ull(c->id), am_tls_version(c->tls), am_tls_cipher(c->tls));
+        if (c->timer_kind == T_HANDSHAKE) timer_start(c, T_IDLE, c->srv->opts.idle_timeout_ms);
+    }
+    while (!c->tls_eof && am_tls_has_input(c->tls)) {
+        if (!rbuf_get(c)) {
+            AM_WARN("c%llu read buffer: out of memory", ull(c->id));
+            close_now(c);
+            return false;
+        }
+        if (c->rpos == c->rlen) {
+            c->rpos = c->rlen = 0;
+        } else if (c->rpos > 0 && RBUF_SIZE - c->rlen < RBUF_SIZE / 4) {
+            memmove(c->rbuf, c->rbuf + c->rpos, c->rlen - c->rpos);
+            c->rlen -= c->rpos;
+            c->rpos = 0;
+        }
+        size_t room = RBUF_SIZE - c->rlen, n = 0;
+        if (room == 0) break;
+        rc = am_tls_read(c->tls, c->rbuf + c->rlen, room, &n, msg, sizeof msg);
+        if (rc == AM_TLS_CLOSED) {
+            c->tls_eof = true;
+        } else if (rc < 0) {
+            AM_DEBUG("c%llu %s: %s", ull(c->id), c->peer, msg);
+            close_now(c);
+            return false;
+        } else if (n == 0) {
+            break;
+        }
+        c->rlen += n;
+    }
+    rc = tls_send(c);
+    if (rc) {
+        AM_DEBUG("c%llu write: %s", ull(c->id), uv_strerror(rc));
+        close_now(c);
+        return false;
+    }
+    return true;
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    struct conn *c = s->data;
+    if (nread == 0 || c->phase == PH_CLOSED) return;
+    if (nread < 0) {
+        read_end(c, nread);
         return;
     }
     if (buf->base == c->srv->discard) return;
-    c->rlen += (size_t)nread;
+    if (buf->base == c->srv->cipher) {
+        if (am_tls_feed(c->tls, buf->base, (size_t)nread) != 0) {
+            AM_WARN("c%llu TLS input: out of memory", ull(c->id));
+            close_now(c);
+            return;
+        }
+        if (!tls_fill(c)) return;
+    } else {
+        c->rlen += (size_t)nread;
+    }
     if (c->phase == PH_HEAD || c->phase == PH_BODY) process_input(c);
+    if (c->tls_eof && !c->eof && c->phase != PH_CLOSED) {
+        read_end(c, UV_EOF);
+        return;
+    }
     update_reading(c);
 }
 
@@ -985,6 +1201,8 @@ static void parse_failed(struct conn *c, llhttp_errno_t e)
 static void process_input(struct conn *c)
 {
     if (c->in_process) return;
+    if (c->tls && c->tls_done && c->phase <= PH_BODY && am_tls_has_input(c->tls) && !tls_fill(c))
+        return;
     c->in_process = true;
     struct am_httpserver *srv = c->srv;
     while (c->phase == PH_HEAD || c->phase == PH_BODY) {
@@ -1034,6 +1252,7 @@ static void process_input(struct conn *c)
     if (c->phase == PH_HEAD && c->head_bytes == 0 && c->timer_kind == T_NONE &&
         c->writes_pending == 0)
         timer_start(c, T_IDLE, srv->opts.idle_timeout_ms);
+    if (c->phase != PH_CLOSED) rbuf_put(c); /* only when all of it was parsed */
     c->in_process = false;
 }
 
@@ -1047,7 +1266,7 @@ static void next_request(struct conn *c)
     request_reset(c);
     c->phase = PH_HEAD;
     llhttp_resume(&c->parser);
-    if (c->rlen > c->rpos) {
+    if (c->rlen > c->rpos || (c->tls && am_tls_has_input(c->tls))) {
         /* Pipelined bytes: the caller's stack may be a handler's, so parse them from
          * the loop unless the dispatching loop is still below us. */
         if (c->in_process)
@@ -1075,6 +1294,10 @@ static void on_conn_timer(uv_timer_t *t)
     case T_HEADER: reject(c, 408, AM_EBAD_REQUEST, "request head not received in time"); break;
     case T_BODY: reject(c, 408, AM_EBAD_REQUEST, "request body not received in time"); break;
     case T_LINGER: close_now(c); break;
+    case T_HANDSHAKE:
+        AM_DEBUG("c%llu %s: TLS handshake not completed in time", ull(c->id), c->peer);
+        close_now(c);
+        break;
     case T_RESUME:
         process_input(c);
         update_reading(c);
@@ -1095,6 +1318,8 @@ static void ex_end(struct conn *c, bool ok)
     c->ex.owned = false;
     c->ex.on_drain = NULL;
     c->ex.on_gone = NULL;
+    if (c->wpoll) uv_poll_stop(c->wpoll);
+    uncork(c);
     if (c->zombie && !c->in_gone) {
         conn_free(c);
         return;
@@ -1289,6 +1514,100 @@ int am_http_end(struct am_http_exchange *ex)
     return 0;
 }
 
+bool am_http_can_sendfile(const struct am_http_exchange *ex)
+{
+    const struct conn *c = (const struct conn *)((const char *)ex - offsetof(struct conn, ex));
+    return ex->owned && ex->started && !ex->bodyless && c->phase == PH_ACTIVE && c->srv &&
+           !c->srv->opts.no_sendfile && !c->tls && c->queued == 0 && c->writes_pending == 0;
+}
+
+/* Clearing TCP_CORK sends what it held back. */
+static void uncork(struct conn *c)
+{
+    uv_os_fd_t sock;
+    int off = 0;
+    if (!c->corked) return;
+    c->corked = false;
+    if (c->phase != PH_CLOSED && uv_fileno((uv_handle_t *)&c->tcp, &sock) == 0)
+        setsockopt(sock, IPPROTO_TCP, TCP_CORK, &off, sizeof off);
+}
+
+static void on_wpoll(uv_poll_t *p, int status, int events)
+{
+    struct conn *c = p->data;
+    (void)events;
+    uv_poll_stop(p);
+    if (c->phase != PH_ACTIVE) return;
+    if (status < 0) {
+        AM_DEBUG("c%llu poll: %s", ull(c->id), uv_strerror(status));
+        close_now(c);
+        return;
+    }
+    if (c->ex.owned && c->ex.started && c->queued == 0 && c->ex.on_drain) c->ex.on_drain(c->ex.arg);
+}
+
+static int wpoll_open(struct conn *c, int sock)
+{
+    uv_poll_t *p = malloc(sizeof *p);
+    if (!p) return AM_ENOMEM;
+    int fd = dup(sock);
+    if (fd < 0) {
+        free(p);
+        return AM_ENOMEM; /* out of descriptors: the caller copies instead */
+    }
+    if (uv_poll_init(c->loop, p, fd)) {
+        close(fd);
+        free(p);
+        return AM_ENOMEM;
+    }
+    p->data = c;
+    c->wpoll = p;
+    c->wpoll_fd = fd;
+    c->handles_open++;
+    return 0;
+}
+
+int am_http_sendfile(struct am_http_exchange *ex, int fd, uint64_t off, size_t len, size_t *sent)
+{
+    struct conn *c = EX_CONN(ex);
+    *sent = 0;
+    if (ex->owned && c->phase != PH_ACTIVE) return AM_ECANCELED;
+    if (!am_http_can_sendfile(ex) || len > ex->content_length - ex->written) return AM_EINVAL;
+    if (len == 0) return 0;
+    uv_os_fd_t sock;
+    if (uv_fileno((uv_handle_t *)&c->tcp, &sock)) return AM_EINVAL;
+    if (!c->wpoll) {
+        int rc = wpoll_open(c, sock);
+        if (rc) return rc;
+    }
+    if (!c->corked) {
+        /* Like nginx's tcp_nopush: without it TCP_NODELAY sends a short segment at the
+         * end of every sendfile call. */
+        int on = 1;
+        c->corked = setsockopt(sock, IPPROTO_TCP, TCP_CORK, &on, sizeof on) == 0;
+    }
+    off_t o = (off_t)off;
+    ssize_t n = sendfile(sock, fd, &o, len);
+    if (n <= 0 && !(n < 0 && (errno == EAGAIN || errno == EINTR))) {
+        /* 0: the file ended before the range did; a short body must not look whole. */
+        AM_DEBUG("c%llu r%llu sendfile: %s", ull(c->id), ull(ex->req.id),
+                 n == 0 ? "unexpected end of file" : strerror(errno));
+        close_now(c);
+        return AM_EIO;
+    }
+    if (n < 0) n = 0;
+    ex->written += (uint64_t)n;
+    *sent = (size_t)n;
+    if (ex->written == ex->content_length) uncork(c); /* the tail goes now, not at the end */
+    int rc = uv_poll_start(c->wpoll, UV_WRITABLE, on_wpoll);
+    if (rc) {
+        AM_DEBUG("c%llu poll start: %s", ull(c->id), uv_strerror(rc));
+        close_now(c);
+        return AM_EIO;
+    }
+    return 0;
+}
+
 void am_http_abort(struct am_http_exchange *ex)
 {
     struct conn *c = EX_CONN(ex);
@@ -1302,7 +1621,7 @@ void am_http_abort(struct am_http_exchange *ex)
 
 static struct conn *conn_new(struct am_httpserver *srv, bool rejected)
 {
-    struct conn *c = malloc(sizeof *c + (rejected ? 0 : RBUF_SIZE));
+    struct conn *c = malloc(sizeof *c);
     if (!c) return NULL;
     memset(c, 0, sizeof *c);
     c->srv = srv;
@@ -1390,6 +1709,13 @@ static void on_connection(uv_stream_t *server, int status)
     }
     uv_tcp_nodelay(&c->tcp, 1);
     format_peer(c);
+    if (full && srv->tls_ctx) {
+        /* A plain-text 503 means nothing to a TLS client: just close. */
+        AM_INFO("c%llu %s: connection limit %llu reached: closed", ull(c->id), c->peer,
+                ull(srv->opts.max_connections));
+        close_now(c);
+        return;
+    }
     if (full) {
         /* Accept and refuse rather than leave the kernel backlog to fill. */
         AM_INFO("c%llu %s: 503 connection limit %llu reached", ull(c->id), c->peer,
@@ -1399,9 +1725,27 @@ static void on_connection(uv_stream_t *server, int status)
     }
     c->counted = true;
     srv->n_counted++;
-    AM_DEBUG("c%llu accepted from %s", ull(c->id), c->peer);
-    timer_start(c, T_IDLE, srv->opts.idle_timeout_ms);
+    AM_DEBUG("c%llu accepted from %s%s", ull(c->id), c->peer, srv->tls_ctx ? " (TLS)" : "");
+    if (srv->tls_ctx) {
+        if (am_tls_accept(srv->tls_ctx, &c->tls) != 0) {
+            AM_ERROR("c%llu TLS session: out of memory", ull(c->id));
+            close_now(c);
+            return;
+        }
+        /* The handshake gets the head's deadline: a silent client is not kept idle. */
+        timer_start(c, T_HANDSHAKE,
+                    srv->opts.header_timeout_ms ? srv->opts.header_timeout_ms
+                                                : srv->opts.idle_timeout_ms);
+    } else {
+        timer_start(c, T_IDLE, srv->opts.idle_timeout_ms);
+    }
     update_reading(c);
+}
+
+void am_httpserver_set_tls(struct am_httpserver *srv, struct am_tls_ctx *ctx)
+{
+    am_tls_ctx_free(srv->tls_ctx); /* sessions keep their own reference */
+    srv->tls_ctx = ctx;
 }
 
 /* --- server ------------------------------------------------------------------------- */
@@ -1604,10 +1948,16 @@ void am_httpserver_free(struct am_httpserver *srv)
     }
     for (size_t i = 0; i < srv->n_listeners; i++) free(srv->listeners[i]);
     free(srv->listeners);
+    am_tls_ctx_free(srv->tls_ctx);
     while (srv->free_wreqs) {
         struct wreq *w = srv->free_wreqs;
         srv->free_wreqs = w->next_free;
         free(w);
+    }
+    while (srv->free_rbufs) {
+        void *b = srv->free_rbufs;
+        memcpy(&srv->free_rbufs, b, sizeof(void *));
+        free(b);
     }
     free(srv);
 }

@@ -13,6 +13,16 @@
  * platform, stores it, and answers all its waiters at once. The synchronous lookups run
  * `derive` on what the metastore holds.
  *
+ * An index with entries that are indexes becomes a `tree`: the parsed top plus the child
+ * indexes read so far. `tree_step` walks it (without I/O) and either completes the image
+ * or names the first child index it lacks; the waiter then asks the manifests module for
+ * that child by digest (the same cache policy, verification and coalescing as the top;
+ * containerd asks for the same child a moment later) and walks again. Children are read
+ * one at a time: nesting is rare, a stored child answers at once, and one outstanding
+ * request keeps cancellation simple; `advance` loops rather than recursing when the
+ * answers come synchronously. The synchronous lookups complete a tree from the metastore
+ * alone.
+ *
  * Both LRUs are one structure: a fixed-size hash table of chained nodes plus a recency
  * list; the tail is evicted when an insert would exceed the bound. Keys are
  * "<up_idx>\n<repo>\n<digest>" ('\n' occurs in neither component).
@@ -33,6 +43,8 @@
 
 #define KEY_MAX     (24 + AM_NAME_MAX + AM_DIGEST_STR_MAX + 4)
 #define NEED_CONFIG 1 /* derive's "ask the upstream for the config blob" */
+#define NEED_CHILD  2 /* tree_step's "read the child index tree->missing first" */
+#define MSG_MAX     320
 
 /* --- LRU ------------------------------------------------------------------------------ */
 
@@ -183,13 +195,20 @@ struct child_val {
 };
 
 struct cfetch;
+struct tree;
 
 struct am_imageinfo_waiter {
     struct am_imageinfo *ii;
     struct am_imageinfo_waiter *prev, *next;       /* ii->waiters */
     struct cfetch *cf;                             /* waiting for this config fetch */
     struct am_imageinfo_waiter *cf_prev, *cf_next; /* cf->waiters */
-    struct am_manifests_waiter *mw;                /* waiting for the manifest */
+    struct am_manifests_waiter *mw;                /* waiting for the manifest or a child */
+    struct tree *tree;                             /* owned: a nested index being walked */
+    bool walking;                                  /* advance is on the stack */
+    bool child_pending;                            /* a child index was asked for */
+    int child_err;                                 /* its failure, for advance to report */
+    char child_msg[MSG_MAX];
+    char child_retry[32];
     am_imageinfo_cb cb;
     void *arg;
     bool in_get, done;
@@ -329,46 +348,290 @@ static void remember_child(struct am_imageinfo *ii, size_t up_idx, const char *r
     lru_put(&ii->children, key, klen, v);
 }
 
-/* Fills img's platforms from a parsed index and records every child with a platform. */
-static int image_from_index(struct am_imageinfo *ii, size_t up_idx, const char *repo,
-                            const struct am_manifest *m, struct am_imageinfo_image *img)
+/* --- nested indexes ------------------------------------------------------------------ */
+
+/* The indexes of one image: the top and the child indexes read so far, by digest (a child
+ * referenced twice is read once). */
+struct tree_node {
+    struct am_digest digest;
+    struct am_manifest m; /* owned */
+};
+
+struct tree {
+    struct am_digest top_digest;
+    struct am_manifest top; /* owned */
+    struct tree_node *nodes;
+    size_t n, cap;
+    struct am_digest missing; /* after NEED_CHILD: the child index to read */
+};
+
+/* A manifest a node can pull, and the platform it is pulled for. */
+struct leaf {
+    struct am_platform platform;   /* normalised */
+    const struct am_descriptor *d; /* a view into the tree */
+};
+
+struct walk {
+    const struct tree *t;
+    struct am_digest path[AM_IMAGEINFO_INDEX_DEPTH]; /* indexes from the top down */
+    size_t depth;                                    /* of path */
+    size_t visited; /* entries of child indexes walked, repeats included */
+    struct leaf *leaves;
+    size_t n, cap;
+    struct am_digest missing;
+    char *msg;
+    size_t msglen;
+};
+
+/* Takes m (moved into the tree; m is left empty). Returns the tree or NULL (m freed). */
+static struct tree *tree_new(const struct am_digest *top_digest, struct am_manifest *m)
 {
-    size_t n = 0;
-    struct am_platform_entry *list = NULL;
-    if (m->n_entries) {
-        list = malloc(m->n_entries * sizeof *list);
-        if (!list) return AM_ENOMEM;
+    struct tree *t = calloc(1, sizeof *t);
+    if (!t) {
+        am_manifest_cleanup(m);
+        return NULL;
     }
-    int rc = am_platform_list_from_index(m, list, m->n_entries, &n);
+    t->top_digest = *top_digest;
+    t->top = *m;
+    m->entries = NULL;
+    m->n_entries = 0;
+    return t;
+}
+
+static void tree_free(struct tree *t)
+{
+    if (!t) return;
+    am_manifest_cleanup(&t->top);
+    for (size_t i = 0; i < t->n; i++) am_manifest_cleanup(&t->nodes[i].m);
+    free(t->nodes);
+    free(t);
+}
+
+static const struct am_manifest *tree_find(const struct tree *t, const struct am_digest *d)
+{
+    for (size_t i = 0; i < t->n; i++)
+        if (am_digest_equal(&t->nodes[i].digest, d)) return &t->nodes[i].m;
+    return NULL;
+}
+
+/* Adds the child index digest, from verified bytes[0..len) served as media_type (both
+ * borrowed). Returns 0, AM_ETOO_LARGE (AM_IMAGEINFO_NESTED_MAX), AM_EMANIFEST_INVALID
+ * (does not parse, or is not an index) with msg filled, or AM_ENOMEM. */
+static int tree_add(struct am_imageinfo *ii, struct tree *t, const struct am_digest *digest,
+                    const char *media_type, const char *bytes, size_t len, char *msg, size_t msglen)
+{
+    if (t->n == AM_IMAGEINFO_NESTED_MAX) {
+        snprintf(msg, msglen, "more than %d nested indexes", AM_IMAGEINFO_NESTED_MAX);
+        return AM_ETOO_LARGE;
+    }
+    if (t->n == t->cap) {
+        size_t cap = t->cap ? 2 * t->cap : 4;
+        struct tree_node *nodes = realloc(t->nodes, cap * sizeof *nodes);
+        if (!nodes) return AM_ENOMEM;
+        t->nodes = nodes;
+        t->cap = cap;
+    }
+    struct tree_node *node = &t->nodes[t->n];
+    char why[160];
+    ii->stats.parses++;
+    int rc = am_manifest_parse(bytes ? bytes : "", len, media_type, &node->m, why, sizeof why);
+    if (rc == AM_ENOMEM) return rc;
     if (rc) {
-        free(list);
+        snprintf(msg, msglen, "nested index %s: %s", digest->str, why);
+        return AM_EMANIFEST_INVALID;
+    }
+    if (!am_mediatype_is_index(node->m.kind)) {
+        /* containerd refuses the same (images/image.go validateMediaType). */
+        am_manifest_cleanup(&node->m);
+        snprintf(msg, msglen, "nested index %s is an image manifest, not an index", digest->str);
+        return AM_EMANIFEST_INVALID;
+    }
+    node->digest = *digest;
+    t->n++;
+    return 0;
+}
+
+static int add_leaf(struct walk *wk, const struct am_descriptor *d, const struct am_platform *p)
+{
+    if (!p) return 0; /* no platform of its own and none from above: not listed, as before */
+    if (wk->n == wk->cap) {
+        size_t cap = wk->cap ? 2 * wk->cap : 16;
+        struct leaf *l = realloc(wk->leaves, cap * sizeof *l);
+        if (!l) return AM_ENOMEM;
+        wk->leaves = l;
+        wk->cap = cap;
+    }
+    wk->leaves[wk->n].platform = *p;
+    wk->leaves[wk->n].d = d;
+    wk->n++;
+    return 0;
+}
+
+static int walk_index(struct walk *wk, const struct am_manifest *m, const struct am_platform *gate);
+
+/* Descends into the child index of entry d, whose leaves are pulled for gate (or for
+ * their own platforms when gate is NULL). */
+static int walk_child(struct walk *wk, const struct am_descriptor *d,
+                      const struct am_platform *gate)
+{
+    for (size_t k = 0; k < wk->depth; k++) {
+        if (!am_digest_equal(&wk->path[k], &d->digest)) continue;
+        snprintf(wk->msg, wk->msglen, "nested index %s contains itself", d->digest.str);
+        return AM_EMANIFEST_INVALID;
+    }
+    /* Nesting is bounded although containerd's Walk is not: content addressing rules out
+     * a cycle for verified bytes, but every level is one more manifest fetch before the
+     * query answers, and an upstream is not trusted to end the chain. Producers nest one
+     * level (an index of per-platform or per-variant indexes: oras, crane, image
+     * signers); AM_IMAGEINFO_INDEX_DEPTH leaves room for two more. */
+    if (wk->depth == AM_IMAGEINFO_INDEX_DEPTH) {
+        snprintf(wk->msg, wk->msglen, "indexes nested more than %d levels deep (at %s)",
+                 AM_IMAGEINFO_INDEX_DEPTH, d->digest.str);
+        return AM_EMANIFEST_INVALID;
+    }
+    const struct am_manifest *child = tree_find(wk->t, &d->digest);
+    if (!child) {
+        wk->missing = d->digest;
+        return NEED_CHILD;
+    }
+    wk->visited += child->n_entries;
+    if (wk->visited > AM_IMAGEINFO_TREE_ENTRIES) {
+        snprintf(wk->msg, wk->msglen, "nested indexes hold more than %d entries",
+                 AM_IMAGEINFO_TREE_ENTRIES);
+        return AM_ETOO_LARGE;
+    }
+    wk->path[wk->depth++] = d->digest;
+    int rc = walk_index(wk, child, gate);
+    wk->depth--;
+    return rc;
+}
+
+/* Collects the leaves of index m in the order containerd prefers them.
+ *
+ * How containerd walks nested indexes (containerd v2 core/images/image.go Manifest, and
+ * on the pull path core/images/handlers.go FilterPlatforms + LimitManifests; images/ in
+ * 1.x): at every index it keeps the entries whose platform matches the node or that have
+ * none, sorts them stably by the node's preference with platform-less entries last, and
+ * descends into the first; a child index's entries are matched against the same node.
+ * Hence, here:
+ * - a child index without a platform is walked for every node, after the entries that
+ *   carry one (pass 1), so a platform found both ways keeps the digest containerd pulls;
+ * - a child index with platform P is walked only by nodes that P matches: its leaves are
+ *   listed with their own platforms, minus those a node of platform P would not take
+ *   (the gate), and a leaf without a platform inherits P (containerd's filter lets it
+ *   through for exactly those nodes);
+ * - containerd's images.Platforms, which only lists, stops at the first descriptor with a
+ *   platform and reports that one; we go on to the leaf, since the digest we report must
+ *   be the manifest a node pulls.
+ * Approximation: containerd never backtracks, so a node that merely matches a platformed
+ * entry of the top (amd64 takes 386) never looks into a platform-less child index for an
+ * exact entry; we still list that exact entry. Attestations and unknown/unknown are never
+ * leaves, and never walked into. */
+static int walk_index(struct walk *wk, const struct am_manifest *m, const struct am_platform *gate)
+{
+    for (int pass = 0; pass < 2; pass++) {
+        for (size_t i = 0; i < m->n_entries; i++) {
+            const struct am_descriptor *d = &m->entries[i];
+            if (d->has_platform != (pass == 0) || d->is_attestation) continue;
+            struct am_platform own;
+            const struct am_platform *p = gate;
+            if (d->has_platform) {
+                own = d->platform;
+                am_platform_normalize(&own);
+                if (strcmp(own.os, "unknown") == 0 && strcmp(own.architecture, "unknown") == 0)
+                    continue;
+                if (gate && !am_platform_matches(gate, &own)) continue;
+                p = &own;
+            }
+            enum am_media_kind k = am_mediatype_classify(d->media_type, strlen(d->media_type));
+            int rc = am_mediatype_is_index(k) ? walk_child(wk, d, p) : add_leaf(wk, d, p);
+            if (rc) return rc;
+        }
+    }
+    return 0;
+}
+
+/* Walks t. Returns 0 with img's platforms filled from its leaves (img's top fields set by
+ * the caller) and img and every leaf remembered; NEED_CHILD with t->missing set when a
+ * child index must be read first; or an error with msg filled (AM_EMANIFEST_INVALID,
+ * AM_ETOO_LARGE) or AM_ENOMEM. */
+static int tree_step(struct am_imageinfo *ii, size_t up_idx, const char *repo, struct tree *t,
+                     struct am_imageinfo_image *img, char *msg, size_t msglen)
+{
+    struct walk wk;
+    memset(&wk, 0, sizeof wk);
+    wk.t = t;
+    wk.path[0] = t->top_digest;
+    wk.depth = 1;
+    wk.msg = msg;
+    wk.msglen = msglen;
+    msg[0] = '\0';
+    int rc = walk_index(&wk, &t->top, NULL);
+    if (rc == NEED_CHILD) t->missing = wk.missing;
+    if (rc) {
+        free(wk.leaves);
         return rc;
     }
     img->is_index = true;
-    img->truncated = n > AM_IMAGEINFO_PLATFORMS_MAX;
-    img->n_platforms = img->truncated ? AM_IMAGEINFO_PLATFORMS_MAX : n;
-    img->multi_arch = img->n_platforms > 1;
-    for (size_t i = 0; i < img->n_platforms; i++) {
-        const struct am_descriptor *e = &m->entries[list[i].index];
-        img->platforms[i].platform = list[i].platform;
-        img->platforms[i].digest = e->digest;
-        img->platforms[i].size = e->size > 0 ? (uint64_t)e->size : 0;
-    }
-    /* Every entry containerd could pick, not only the first of each platform: entries
-     * that differ in os.features normalise alike but are distinct manifests. */
-    for (size_t i = 0; i < m->n_entries; i++) {
-        const struct am_descriptor *e = &m->entries[i];
-        if (!e->has_platform || e->is_attestation) continue;
-        struct am_platform p = e->platform;
-        am_platform_normalize(&p);
-        for (size_t k = 0; k < n; k++) {
-            if (!am_platform_equal(&list[k].platform, &p)) continue;
-            remember_child(ii, up_idx, repo, &e->digest, &p, &img->digest);
-            break;
+    img->truncated = false;
+    img->n_platforms = 0;
+    for (size_t i = 0; i < wk.n; i++) {
+        const struct leaf *l = &wk.leaves[i];
+        bool seen = false;
+        for (size_t k = 0; k < img->n_platforms && !seen; k++)
+            seen = am_platform_equal(&img->platforms[k].platform, &l->platform);
+        /* Every leaf containerd could pick, not only the first of each platform: entries
+         * that differ in os.features normalise alike but are distinct manifests. */
+        remember_child(ii, up_idx, repo, &l->d->digest, &l->platform, &img->digest);
+        if (seen) continue;
+        if (img->n_platforms == AM_IMAGEINFO_PLATFORMS_MAX) {
+            img->truncated = true;
+            continue;
         }
+        struct am_imageinfo_platform *out = &img->platforms[img->n_platforms++];
+        out->platform = l->platform;
+        out->digest = l->d->digest;
+        out->size = l->d->size > 0 ? (uint64_t)l->d->size : 0;
     }
-    free(list);
+    img->multi_arch = img->n_platforms > 1;
+    free(wk.leaves);
+    remember_image(ii, up_idx, repo, img);
     return 0;
+}
+
+/* Completes t from the metastore alone (no upstream I/O). Returns as tree_step, with
+ * AM_ENOT_FOUND for a child index that is not stored. */
+static int tree_resolve_stored(struct am_imageinfo *ii, size_t up_idx, const char *repo,
+                               struct tree *t, struct am_imageinfo_image *img, char *msg,
+                               size_t msglen)
+{
+    for (;;) { /* ends: every round adds a node, and tree_add stops at the bound */
+        int rc = tree_step(ii, up_idx, repo, t, img, msg, msglen);
+        if (rc != NEED_CHILD) return rc;
+        struct am_manifest_rec rec;
+        rc = am_metastore_get_manifest(ii->ms, up_name(ii, up_idx), repo, &t->missing, &rec);
+        if (rc == 0)
+            rc = tree_add(ii, t, &t->missing, rec.media_type, rec.bytes, rec.len, msg, msglen);
+        am_manifest_rec_cleanup(&rec);
+        if (rc) return rc;
+    }
+}
+
+/* Records the manifest entries of index m itself (for an index whose nested indexes are
+ * not all stored yet: what can be attributed now). */
+static void remember_direct_children(struct am_imageinfo *ii, size_t up_idx, const char *repo,
+                                     const struct am_manifest *m, const struct am_digest *index)
+{
+    for (size_t i = 0; i < m->n_entries; i++) {
+        const struct am_descriptor *d = &m->entries[i];
+        if (!d->has_platform || d->is_attestation) continue;
+        if (am_mediatype_is_index(am_mediatype_classify(d->media_type, strlen(d->media_type))))
+            continue;
+        struct am_platform p = d->platform;
+        am_platform_normalize(&p);
+        if (strcmp(p.os, "unknown") == 0 && strcmp(p.architecture, "unknown") == 0) continue;
+        remember_child(ii, up_idx, repo, &d->digest, &p, index);
+    }
 }
 
 /* Schema 1 carries its architecture in the manifest itself; its os is linux (Docker's
@@ -417,11 +680,13 @@ static void image_single(struct am_imageinfo_image *img, const struct am_platfor
 /* Derives img's platforms from verified manifest bytes without upstream I/O. img's top
  * fields (media type, digest, size) are set by the caller. Returns 0 (img complete),
  * NEED_CONFIG (a single-arch manifest whose config platform is unknown: *config is its
- * descriptor), or an error with msg filled. */
+ * descriptor), NEED_CHILD (an index with a nested index not read yet: *tree_out is
+ * returned owned, tree_free, with ->missing naming it), or an error with msg filled. */
 static int derive(struct am_imageinfo *ii, size_t up_idx, const char *repo, const char *bytes,
                   size_t len, struct am_imageinfo_image *img, struct am_descriptor *config,
-                  char *msg, size_t msglen)
+                  struct tree **tree_out, char *msg, size_t msglen)
 {
+    *tree_out = NULL;
     char key[KEY_MAX];
     size_t klen = make_key(key, up_idx, repo, &img->digest);
     const struct image_val *v = lru_get(&ii->images, key, klen);
@@ -443,8 +708,16 @@ static int derive(struct am_imageinfo *ii, size_t up_idx, const char *repo, cons
     int rc = am_manifest_parse(bytes, len, img->media_type, &m, msg, msglen);
     if (rc) return rc == AM_ENOMEM ? rc : AM_EMANIFEST_INVALID;
     if (am_mediatype_is_index(m.kind)) {
-        rc = image_from_index(ii, up_idx, repo, &m, img);
-    } else if (m.kind == AM_MT_DOCKER_V1) {
+        struct tree *t = tree_new(&img->digest, &m); /* takes m */
+        if (!t) return AM_ENOMEM;
+        rc = tree_step(ii, up_idx, repo, t, img, msg, msglen); /* remembers img on success */
+        if (rc == NEED_CHILD)
+            *tree_out = t;
+        else
+            tree_free(t);
+        return rc;
+    }
+    if (m.kind == AM_MT_DOCKER_V1) {
         img->is_index = false;
         rc = image_from_schema1(bytes, len, img, msg, msglen);
     } else if (!m.has_config) {
@@ -483,11 +756,19 @@ static void waiter_unlink(struct am_imageinfo_waiter *w)
     w->prev = w->next = NULL;
 }
 
+static void waiter_free(struct am_imageinfo_waiter *w)
+{
+    tree_free(w->tree);
+    free(w);
+}
+
 /* Answers w once and releases it (unless am_imageinfo_get is still on the stack). */
 static void finish(struct am_imageinfo_waiter *w, int err, const char *message,
                    const char *retry_after)
 {
     waiter_unlink(w);
+    tree_free(w->tree); /* the answer is in w->image */
+    w->tree = NULL;
     struct am_imageinfo_result r = {
         .err = err,
         .message = err ? message : NULL,
@@ -499,7 +780,7 @@ static void finish(struct am_imageinfo_waiter *w, int err, const char *message,
     };
     w->done = true;
     w->cb(w->arg, &r);
-    if (!w->in_get) free(w);
+    if (!w->in_get) waiter_free(w);
 }
 
 /* --- config fetches -------------------------------------------------------------------- */
@@ -750,6 +1031,93 @@ static void wait_for_config(struct am_imageinfo_waiter *w, const struct am_descr
 
 /* --- queries --------------------------------------------------------------------------- */
 
+static void advance(struct am_imageinfo_waiter *w);
+
+/* A child index arrived (or failed). Inside advance it only records the outcome, which
+ * advance reads when am_manifests_get returns; later it advances w itself. */
+static void on_child(void *arg, const struct am_manifests_result *r)
+{
+    struct am_imageinfo_waiter *w = arg;
+    struct am_imageinfo *ii = w->ii;
+    w->mw = NULL;
+    w->child_pending = false;
+    struct am_digest d = w->tree->missing;
+    if (r->err) {
+        /* A child the upstream does not have makes the image unpullable, not unknown:
+         * the image itself exists, so not a 404. Other failures keep their class (a 429
+         * keeps its Retry-After). */
+        w->child_err = r->err == AM_EMANIFEST_UNKNOWN ? AM_EMANIFEST_INVALID : r->err;
+        snprintf(w->child_msg, sizeof w->child_msg, "nested index %s: %s", d.str,
+                 r->message && r->message[0] ? r->message : am_error_message(r->err));
+        snprintf(w->child_retry, sizeof w->child_retry, "%s", r->retry_after ? r->retry_after : "");
+    } else {
+        if (r->cache_state &&
+            (strcmp(r->cache_state, "miss") == 0 || strcmp(r->cache_state, "revalidated") == 0))
+            w->from_upstream = true;
+        w->child_err = r->bytes ? tree_add(ii, w->tree, &d, r->media_type, r->bytes, r->size,
+                                           w->child_msg, sizeof w->child_msg)
+                                : AM_EUPSTREAM; /* our bug: need_body */
+        if (!r->bytes) snprintf(w->child_msg, sizeof w->child_msg, "nested index body missing");
+    }
+    if (w->walking) return;
+    if (w->child_err) {
+        AM_INFO("%s imageinfo: %s@%s: %s", w->ctx, w->repo, w->image.digest.str, w->child_msg);
+        finish(w, w->child_err, w->child_msg, w->child_retry);
+        return;
+    }
+    advance(w);
+}
+
+/* Walks w's tree, asking for child indexes until the image is complete or fails; answers
+ * w at the end. Stored children answer inside am_manifests_get: a loop, not a recursion. */
+static void advance(struct am_imageinfo_waiter *w)
+{
+    struct am_imageinfo *ii = w->ii;
+    char msg[MSG_MAX];
+    w->walking = true;
+    for (;;) {
+        int rc = tree_step(ii, w->up_idx, w->repo, w->tree, &w->image, msg, sizeof msg);
+        if (rc != NEED_CHILD) {
+            if (rc)
+                AM_INFO("%s imageinfo: %s@%s: %s", w->ctx, w->repo, w->image.digest.str,
+                        msg[0] ? msg : am_error_message(rc));
+            finish(w, rc, msg[0] ? msg : NULL, NULL);
+            return;
+        }
+        struct am_manifests_query mq = {
+            .up_idx = w->up_idx,
+            .repo = w->repo,
+            .digest = &w->tree->missing,
+            .need_body = true,
+            .log_ctx = w->ctx,
+        };
+        struct am_manifests_waiter *mw = NULL;
+        AM_DEBUG("%s imageinfo: %s@%s: reading nested index %s", w->ctx, w->repo,
+                 w->image.digest.str, w->tree->missing.str);
+        ii->stats.nested_fetches++;
+        w->child_pending = true;
+        w->child_err = 0;
+        w->child_msg[0] = w->child_retry[0] = '\0';
+        rc = am_manifests_get(ii->mf, &mq, on_child, w, &mw);
+        if (rc) {
+            snprintf(msg, sizeof msg, "nested index %s: %s", w->tree->missing.str,
+                     am_error_message(rc));
+            finish(w, rc, msg, NULL);
+            return;
+        }
+        if (w->child_pending) { /* on_child advances when the answer comes */
+            w->mw = mw;
+            w->walking = false;
+            return;
+        }
+        if (w->child_err) {
+            AM_INFO("%s imageinfo: %s@%s: %s", w->ctx, w->repo, w->image.digest.str, w->child_msg);
+            finish(w, w->child_err, w->child_msg, w->child_retry);
+            return;
+        }
+    }
+}
+
 static void on_manifest(void *arg, const struct am_manifests_result *r)
 {
     struct am_imageinfo_waiter *w = arg;
@@ -780,12 +1148,16 @@ static void on_manifest(void *arg, const struct am_manifests_result *r)
         return;
     }
     struct am_descriptor config;
-    char msg[200];
-    int rc = derive(ii, w->up_idx, w->repo, r->bytes, r->size, img, &config, msg, sizeof msg);
+    struct tree *t;
+    char msg[MSG_MAX];
+    int rc = derive(ii, w->up_idx, w->repo, r->bytes, r->size, img, &config, &t, msg, sizeof msg);
     if (rc == 0) {
         finish(w, 0, NULL, NULL);
     } else if (rc == NEED_CONFIG) {
         wait_for_config(w, &config);
+    } else if (rc == NEED_CHILD) {
+        w->tree = t;
+        advance(w);
     } else {
         AM_INFO("%s imageinfo: %s@%s: %s", w->ctx, w->repo, img->digest.str,
                 msg[0] ? msg : am_error_message(rc));
@@ -831,11 +1203,11 @@ int am_imageinfo_get(struct am_imageinfo *ii, const struct am_imageinfo_query *q
     w->in_get = false;
     if (rc) {
         waiter_unlink(w);
-        free(w);
+        waiter_free(w);
         return rc;
     }
     if (w->done) {
-        free(w);
+        waiter_free(w);
         return 0;
     }
     if (mw) w->mw = mw;
@@ -859,7 +1231,7 @@ void am_imageinfo_cancel(struct am_imageinfo_waiter *w)
         }
     }
     waiter_unlink(w);
-    free(w);
+    waiter_free(w);
 }
 
 /* --- synchronous lookups --------------------------------------------------------------- */
@@ -895,9 +1267,12 @@ int am_imageinfo_lookup_cached(struct am_imageinfo *ii, size_t up_idx, const cha
     img->digest = *top_digest;
     img->size = rec.len;
     struct am_descriptor config;
-    char msg[200];
-    rc = derive(ii, up_idx, repo, rec.bytes, rec.len, img, &config, msg, sizeof msg);
+    struct tree *t;
+    char msg[MSG_MAX];
+    rc = derive(ii, up_idx, repo, rec.bytes, rec.len, img, &config, &t, msg, sizeof msg);
     am_manifest_rec_cleanup(&rec);
+    if (rc == NEED_CHILD) rc = tree_resolve_stored(ii, up_idx, repo, t, img, msg, sizeof msg);
+    tree_free(t);
     if (rc == NEED_CONFIG) rc = AM_ENOT_FOUND;
     if (rc == 0) *out = *img;
     free(img);
@@ -944,9 +1319,23 @@ int am_imageinfo_note_index(struct am_imageinfo *ii, size_t up_idx, const char *
              media_type && media_type[0] ? media_type : m.media_type);
     img->digest = *digest;
     img->size = len;
-    rc = image_from_index(ii, up_idx, repo, &m, img);
-    am_manifest_cleanup(&m);
-    if (rc == 0) remember_image(ii, up_idx, repo, img);
+    struct tree *t = tree_new(digest, &m); /* takes m */
+    if (!t) {
+        free(img);
+        return AM_ENOMEM;
+    }
+    char why[MSG_MAX];
+    rc = tree_resolve_stored(ii, up_idx, repo, t, img, why, sizeof why); /* remembers img */
+    if (rc && rc != AM_ENOMEM) {
+        /* What can be attributed now. A child index not stored yet (or unreadable) is
+         * noted in its turn when the /v2 API serves it; a broken tree is reported. */
+        remember_direct_children(ii, up_idx, repo, &t->top, digest);
+        if (rc == AM_EMANIFEST_INVALID || rc == AM_ETOO_LARGE)
+            AM_INFO("imageinfo: noting %s@%s: %s", repo, digest->str, why);
+        else
+            rc = 0;
+    }
+    tree_free(t);
     free(img);
     return rc;
 }

@@ -24,6 +24,7 @@
 #include "archmirror/metastore.h"
 #include "archmirror/pulllog.h"
 #include "archmirror/registry.h"
+#include "archmirror/tls.h"
 
 #define EXIT_USAGE    2
 #define MAX_OVERRIDES 64
@@ -66,8 +67,19 @@ struct app {
     struct am_httpserver *srv;
     struct am_httpserver *admin; /* NULL unless admin.listen is set */
     int draining;                /* servers still draining */
-    uv_signal_t sigterm, sigint;
+    uv_signal_t sigterm, sigint, sighup;
     bool stopping;
+    bool reloading;    /* a certificate reload is on the thread pool */
+    bool reload_again; /* SIGHUP came during it: reload once more when it ends */
+    uv_work_t reload_req;
+    struct tls_side {
+        const char *what;       /* "registry" / "admin", for logs */
+        const char *cert, *key; /* borrowed from cfg; NULL: no TLS */
+        struct am_httpserver **srv;
+        struct am_tls_ctx *loaded; /* a reload's result, handed to srv on the loop */
+        int rc;
+        char msg[512];
+    } tls[2];
 };
 
 static void print_report(const char *file, const struct am_config_report *r)
@@ -101,6 +113,7 @@ static void on_store_closed(void *arg)
     app->ms = NULL;
     uv_close((uv_handle_t *)&app->sigterm, on_signal_closed);
     uv_close((uv_handle_t *)&app->sigint, on_signal_closed);
+    uv_close((uv_handle_t *)&app->sighup, on_signal_closed);
 }
 
 static void on_pulllog_closed(void *arg)
@@ -128,6 +141,102 @@ static void on_server_drained(void *arg)
     am_registry_free(app->reg);
     app->reg = NULL;
     am_blobstore_close_store(app->bs, on_blobs_closed, app);
+}
+
+/* --- TLS certificates: loaded at start, re-read on SIGHUP ---------------------------- */
+
+/* On the thread pool: reading the PEM files is disk I/O, never done on the loop. */
+static void reload_work(uv_work_t *req)
+{
+    struct app *app = req->data;
+    for (int i = 0; i < 2; i++) {
+        struct tls_side *t = &app->tls[i];
+        t->loaded = NULL;
+        t->msg[0] = '\0';
+        t->rc =
+            t->cert ? am_tls_server_ctx_new(t->cert, t->key, &t->loaded, t->msg, sizeof t->msg) : 0;
+    }
+}
+
+static void reload_start(struct app *app);
+
+static void reload_done(uv_work_t *req, int status)
+{
+    struct app *app = req->data;
+    app->reloading = false;
+    for (int i = 0; i < 2; i++) {
+        struct tls_side *t = &app->tls[i];
+        if (!t->cert) continue;
+        if (status == 0 && t->rc == 0 && *t->srv && !app->stopping) {
+            char desc[400];
+            am_tls_ctx_describe(t->loaded, desc, sizeof desc);
+            am_httpserver_set_tls(*t->srv, t->loaded);
+            AM_INFO("SIGHUP: %s listeners: new connections use %s", t->what, desc);
+        } else {
+            am_tls_ctx_free(t->loaded);
+            if (!app->stopping)
+                AM_ERROR("SIGHUP: %s listeners keep the previous certificate: %s", t->what,
+                         status      ? uv_strerror(status)
+                         : t->msg[0] ? t->msg
+                                     : am_error_message(t->rc));
+        }
+        t->loaded = NULL;
+    }
+    if (app->reload_again && !app->stopping) {
+        app->reload_again = false;
+        reload_start(app);
+    }
+}
+
+static void reload_start(struct app *app)
+{
+    if (app->reloading) {
+        app->reload_again = true; /* the files may have changed after the worker read them */
+        return;
+    }
+    app->reload_req.data = app;
+    if (uv_queue_work(&app->loop, &app->reload_req, reload_work, reload_done) == 0)
+        app->reloading = true;
+}
+
+static void on_sighup(uv_signal_t *h, int signum)
+{
+    struct app *app = h->data;
+    (void)signum;
+    if (app->stopping) return;
+    if (!app->tls[0].cert && !app->tls[1].cert) {
+        AM_INFO("SIGHUP: no TLS certificate configured; nothing to reload");
+        return;
+    }
+    reload_start(app);
+}
+
+/* At start-up, before the loop runs: a pair that does not load stops the start. */
+static int tls_setup(struct app *app)
+{
+    const struct am_config *cfg = &app->cfg;
+    app->tls[0] = (struct tls_side){
+        .what = "registry", .cert = cfg->tls_cert_file, .key = cfg->tls_key_file, .srv = &app->srv};
+    app->tls[1] = (struct tls_side){.what = "admin",
+                                    .cert = cfg->admin_tls_cert_file,
+                                    .key = cfg->admin_tls_key_file,
+                                    .srv = &app->admin};
+    for (int i = 0; i < 2; i++) {
+        struct tls_side *t = &app->tls[i];
+        struct am_tls_ctx *ctx;
+        char desc[400];
+        if (!t->cert || !*t->srv) continue;
+        int rc = am_tls_server_ctx_new(t->cert, t->key, &ctx, t->msg, sizeof t->msg);
+        if (rc) {
+            fprintf(stderr, "archmirror: %s TLS: %s\n", t->what,
+                    t->msg[0] ? t->msg : am_error_message(rc));
+            return rc;
+        }
+        am_tls_ctx_describe(ctx, desc, sizeof desc);
+        am_httpserver_set_tls(*t->srv, ctx);
+        AM_INFO("%s listeners speak TLS with %s", t->what, desc);
+    }
+    return 0;
 }
 
 static void on_signal(uv_signal_t *h, int signum)
@@ -329,6 +438,14 @@ static int start(struct app *app)
         fprintf(stderr, "archmirror: cache store: %s\n", msg[0] ? msg : am_error_message(rc));
         return rc;
     }
+    /* cache.manifest_max_size 0 means half the map: the rest is LMDB's overhead and tags. */
+    uint64_t manifest_budget =
+        cfg->manifest_max_bytes ? cfg->manifest_max_bytes : cfg->metastore_map_bytes / 2;
+    if ((rc = am_metastore_set_budget(app->ms, manifest_budget, (unsigned)cfg->blob_high_pct,
+                                      (unsigned)cfg->blob_low_pct))) {
+        fprintf(stderr, "archmirror: cache store: manifest budget: %s\n", am_error_message(rc));
+        return rc;
+    }
     struct am_blobstore_options bo = {
         .max_bytes = cfg->blob_max_bytes,
         .high_pct = (unsigned)cfg->blob_high_pct,
@@ -368,6 +485,7 @@ static int start(struct app *app)
         .idle_timeout_ms = cfg->idle_timeout_ms,
         .drain_timeout_ms = cfg->drain_timeout_ms,
         .on_complete = am_registry_on_complete,
+        .no_sendfile = !cfg->sendfile,
     };
     if ((rc = am_httpserver_new(&app->loop, &so, am_registry_handle, app->reg, &app->srv))) {
         fprintf(stderr, "archmirror: server: %s\n", am_error_message(rc));
@@ -406,6 +524,7 @@ static int start(struct app *app)
         AM_INFO("admin side (/metrics, /api/v1) on %s%s", cfg->admin_listen,
                 cfg->admin_token_file ? ", bearer token required" : "");
     }
+    if ((rc = tls_setup(app))) return rc;
     AM_INFO("archmirror %s ready; data in %s", AM_VERSION, cfg->data_dir);
     return 0;
 }
@@ -426,6 +545,7 @@ static void abandon(struct app *app)
     if (app->ms) am_metastore_close(app->ms, NULL, NULL);
     uv_close((uv_handle_t *)&app->sigterm, NULL);
     uv_close((uv_handle_t *)&app->sigint, NULL);
+    uv_close((uv_handle_t *)&app->sighup, NULL);
     uv_run(&app->loop, UV_RUN_DEFAULT);
     uv_loop_close(&app->loop);
 }
@@ -462,7 +582,8 @@ int main(int argc, char **argv)
     uv_loop_init(&app.loop);
     uv_signal_init(&app.loop, &app.sigterm);
     uv_signal_init(&app.loop, &app.sigint);
-    app.sigterm.data = app.sigint.data = &app;
+    uv_signal_init(&app.loop, &app.sighup);
+    app.sigterm.data = app.sigint.data = app.sighup.data = &app;
     if (start(&app)) {
         abandon(&app);
         am_config_cleanup(&app.cfg);
@@ -470,6 +591,7 @@ int main(int argc, char **argv)
     }
     uv_signal_start(&app.sigterm, on_signal, SIGTERM);
     uv_signal_start(&app.sigint, on_signal, SIGINT);
+    uv_signal_start(&app.sighup, on_sighup, SIGHUP);
 
     uv_run(&app.loop, UV_RUN_DEFAULT);
 

@@ -258,18 +258,25 @@ static void store_tag(struct pull *p, const struct am_digest *d, const char *med
     if (rc) AM_WARN("%s caching tag %s:%s: %s", p->ctx, p->repo, p->tag, am_error_message(rc));
 }
 
-/* Serves the stale copy of a tag after a failed revalidation; false if there is none. */
+/* Serves the stale copy of a tag after a failed revalidation; false if there is none
+ * (also when the tag's manifest was evicted: there is nothing to serve the body from). */
 static bool serve_stale(struct pull *p, const char *why)
 {
     if (!p->have_stale) return false;
     AM_WARN("%s upstream %s failed revalidating %s:%s (%s); serving cached %s stale", p->ctx,
             up_name(p), p->repo, p->tag, why, p->stale.digest.str);
-    p->mf->stats.stale++;
     if (!p->need_body) {
+        p->mf->stats.stale++;
         deliver_tag(p, &p->stale, "stale");
         return true;
     }
-    return deliver_stored(p, &p->stale.digest, "stale");
+    if (!deliver_stored(p, &p->stale.digest, "stale")) {
+        AM_WARN("%s manifest %s of %s:%s is no longer cached; nothing to serve stale", p->ctx,
+                p->stale.digest.str, p->repo, p->tag);
+        return false;
+    }
+    p->mf->stats.stale++;
+    return true;
 }
 
 /* A manifest body arrived whole: verify, parse, store, deliver. */
@@ -395,6 +402,9 @@ static void on_up_done(void *arg, int err)
             deliver_error(p, err, NULL);
     } else if (p->kind == PULL_TAG_HEAD) {
         finish_tag_head(p);
+    } else if (p->kind == PULL_DIGEST && !p->by_digest && p->up_status == 404) {
+        /* The fresh tag's manifest, evicted here, is gone upstream too: ask for the tag. */
+        pull_start(p, PULL_TAG_GET);
     } else if (p->up_status == 200) {
         finish_body(p);
     } else if (!(p->kind == PULL_TAG_GET && may_serve_stale(0, p->up_status) &&
@@ -520,6 +530,14 @@ int am_manifests_get(struct am_manifests *mf, const struct am_manifests_query *q
     enum pull_kind kind = q->digest                   ? PULL_DIGEST
                           : have_tag || !q->need_body ? PULL_TAG_HEAD /* revalidate, or HEAD */
                                                       : PULL_TAG_GET;
+    if (have_tag && q->need_body &&
+        am_metastore_tag_is_fresh(&tag, am_metastore_now_ms(), mf->cfg->tag_freshness_ms)) {
+        /* A fresh tag whose manifest is not in the store (evicted by the manifest budget):
+         * the tag is trusted for its window, so fetch the manifest it names by digest,
+         * verified against that digest, without revalidating the tag. */
+        p->digest = tag.digest;
+        kind = PULL_DIGEST;
+    }
     pull_start(p, kind);
     if (!p->ureq) {
         /* The start failed and delivered its error synchronously: cb ran already. */

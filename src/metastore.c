@@ -17,6 +17,11 @@
  *                single-arch manifest, read from its config blob (added after schema 1
  *                shipped; a file without it gets it at open, which is why the schema
  *                version did not change: older builds never open it and are unaffected)
+ *   "access"     key(upstream, repo, digest) → u64 LE last_use_ms of that manifest: its
+ *                last read, or its put (added like "platforms"; a manifest without one
+ *                counts as last used when it was stored). Written with the manifest's put,
+ *                deleted with it, and rewritten from the index in the writer's batches;
+ *                never once per read.
  *
  * Keys. upstream "\0" repo "\0" digest-or-tag. Every component is non-empty printable
  * ASCII without spaces (0x21..0x7e), so the NULs split it unambiguously. The bounded
@@ -53,6 +58,35 @@
  * Close stops new work, lets the batches drain, then queues a last work request that
  * closes the env off the loop; its after-work callback frees the store and calls done.
  * No handle is ever created, so the loop can end as soon as the store is closed.
+ *
+ * Index and budget. The loop keeps every manifest in memory (struct entry: its key, its
+ * bytes and its last use): a hash table by key, an LRU list (head = least recently used)
+ * and a list of entries whose last use has not reached "access" yet. The index is what
+ * the store holds once the queued writes commit: a put adds or updates its entry at
+ * once, an eviction removes it at once (the queued delete makes reads AM_ENOT_FOUND at
+ * once, as a queued put makes them see it). It is built at open from one read txn over
+ * "manifests" (key and value length, never the value's pages, except the header of a
+ * manifest without an access record) and "access". Sizes are the bytes of key and value,
+ * kept as a running total, rather than mdb_stat's page counts: pages cannot be attributed
+ * to one manifest, so they cannot say what deleting it frees, and they change only when a
+ * txn commits on the worker; the byte total is exact, known on the loop as each put is
+ * made, and the same on every machine. LMDB's overhead (half-full pages, an overflow
+ * value rounded up to whole pages, copy-on-write free pages) is why the budget must stay
+ * well below the map. A read moves its entry to the LRU tail and onto the dirty list;
+ * the dirty entries' times are written by the next batch (first in it, so a delete or put
+ * of the same key later in the batch wins), or on their own once ACCESS_FLUSH_N have
+ * accumulated, and at close. A crash loses at most those, which only steer eviction.
+ * Each manifest put, once queued, checks the budget: above high_bytes, entries are taken
+ * from the LRU head, removed from the index, and queued as deletes (manifest and access
+ * record) until the total is at most low_bytes. Readers get copies, so no read can be
+ * broken by a delete. A batch that fails is reconciled key by key with what LMDB holds
+ * (a failed put leaves the index, a failed delete comes back as least recently used);
+ * only puts start eviction, so a store that fails every write cannot loop.
+ *
+ * Map full. If a batch still hits MDB_MAP_FULL (the budget is too close to the map, or
+ * unbounded), the worker deletes the oldest quarter of the manifests by their recorded
+ * access time, in one txn, and retries; it hands the deleted keys to the loop, which
+ * removes them from the index. This is a last resort, not the eviction policy.
  */
 #include "archmirror/metastore.h"
 
@@ -60,6 +94,7 @@
 #include <errno.h>
 #include <lmdb.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,11 +102,13 @@
 #include <time.h>
 
 #include "archmirror/dirs.h"
+#include "archmirror/dlist.h"
 #include "archmirror/error.h"
 #include "archmirror/le.h"
 #include "archmirror/log.h"
-#include "archmirror/schema.h"
+#include "archmirror/metrics.h"
 #include "archmirror/reference.h"
+#include "archmirror/schema.h"
 
 #define SCHEMA_VERSION 1u
 #define VALUE_VERSION  1u
@@ -81,12 +118,19 @@
 #define HDR_LEN        24u
 
 #define DB_FILE "meta.lmdb"
-#define N_DBS   4
+#define N_DBS   5
 
 /* A batch is one transaction; bounding it keeps it far from MDB_TXN_FULL and keeps one
  * failure (which fails the whole batch) from taking too many writes with it. */
 #define BATCH_MAX_OPS   1024u
 #define BATCH_MAX_BYTES ((size_t)64 << 20)
+/* Last-read times accumulated before they are written without waiting for other work,
+ * and the most one batch carries. */
+#define ACCESS_FLUSH_N   256u
+#define ACCESS_BATCH_MAX 1024u
+#define ACCESS_LEN       8u
+
+#define HASH_INIT_BUCKETS 1024u
 
 /* upstream \0 repo \0 digest (the longest last component). */
 #define KEY_NATURAL_MAX (AM_REGISTRY_MAX + 1 + AM_NAME_MAX + 1 + AM_DIGEST_STR_MAX)
@@ -97,12 +141,29 @@ struct key {
     size_t len;
 };
 
+#define container_of(p, type, member) ((type *)((char *)(p)-offsetof(type, member)))
+
+/* Intrusive circular doubly-linked lists with a head node. */
+/* One manifest of the index. Loop thread only. */
+struct entry {
+    struct entry *hnext;   /* hash chain */
+    struct am_dlink lru;   /* in ms->lru, least recently used first */
+    struct am_dlink dirty; /* in ms->dirty while last_use_ms is not in "access" */
+    uint64_t hash;
+    uint64_t bytes; /* key and value length as stored */
+    uint64_t last_use_ms;
+    size_t klen;
+    unsigned char key[];
+};
+
 /* One queued write. key and value live in data[], in that order. */
 struct op {
     struct op *next;
     am_metastore_cb cb;
     void *arg;
     MDB_dbi dbi;
+    bool del;      /* delete the key (a manifest: also its access record) */
+    bool internal; /* an eviction or an access record: not a caller's write, not counted */
     size_t klen;
     size_t vlen;
     unsigned char data[];
@@ -121,18 +182,28 @@ struct am_metastore {
     MDB_dbi dbi_tags;
     MDB_dbi dbi_meta;
     MDB_dbi dbi_platforms;
+    MDB_dbi dbi_access;
     MDB_txn *rtxn;          /* owned; the reset read txn reused by every get, or NULL */
     bool rtxn_live;         /* rtxn holds a snapshot until read_end */
     char *path;             /* owned; <dir>/meta.lmdb, for log lines */
     struct op_list pending; /* loop thread only */
     struct op_list batch;   /* the worker's while `running`; then the loop's */
     int batch_rc;           /* LMDB/errno result of the batch, written by the worker */
-    size_t batch_evicted;   /* manifests the worker evicted to make room, this batch */
+    struct op_list room;    /* the worker's: manifests it deleted in a full map (del ops) */
     uv_work_t work;         /* the one work request in flight (batch or close) */
     bool running;           /* a work request is in flight or its callbacks are running */
     bool closing;
     void (*close_done)(void *arg);
     void *close_arg;
+
+    /* The index (see DESIGN); stats.manifests and stats.manifest_bytes are its totals. */
+    struct entry **buckets; /* owned */
+    size_t nbuckets;        /* a power of two */
+    struct am_dlink lru;
+    struct am_dlink dirty;
+    size_t ndirty;
+    uint64_t max_bytes, high_bytes, low_bytes; /* max_bytes 0: unbounded */
+
     struct am_metastore_stats stats;
 };
 
@@ -220,6 +291,126 @@ static int make_key(const struct am_metastore *ms, const char *upstream, const c
     return 0;
 }
 
+/* ---- the index ---- */
+
+/* FNV-1a. The keys end in digests or hashes, so this only has to be cheap. */
+static uint64_t key_hash(const unsigned char *k, size_t n)
+{
+    uint64_t h = 0xcbf29ce484222325u;
+    for (size_t i = 0; i < n; i++) {
+        h ^= k[i];
+        h *= 0x100000001b3u;
+    }
+    return h;
+}
+
+static struct entry *idx_find(const struct am_metastore *ms, const unsigned char *k, size_t n)
+{
+    if (!ms->nbuckets) return NULL;
+    uint64_t h = key_hash(k, n);
+    for (struct entry *e = ms->buckets[h & (ms->nbuckets - 1)]; e; e = e->hnext)
+        if (e->hash == h && e->klen == n && memcmp(e->key, k, n) == 0) return e;
+    return NULL;
+}
+
+/* Doubles the table; out of memory only makes the chains longer. */
+static void idx_grow(struct am_metastore *ms)
+{
+    size_t nb = ms->nbuckets ? ms->nbuckets * 2 : HASH_INIT_BUCKETS;
+    struct entry **b = calloc(nb, sizeof *b);
+    if (!b) return;
+    for (size_t i = 0; i < ms->nbuckets; i++) {
+        for (struct entry *e = ms->buckets[i], *next; e; e = next) {
+            next = e->hnext;
+            e->hnext = b[e->hash & (nb - 1)];
+            b[e->hash & (nb - 1)] = e;
+        }
+    }
+    free(ms->buckets);
+    ms->buckets = b;
+    ms->nbuckets = nb;
+}
+
+/* The entry of key k, added (no bytes, not yet in the LRU list: the caller places it) if
+ * there is none. NULL: out of memory. */
+static struct entry *idx_get_or_add(struct am_metastore *ms, const unsigned char *k, size_t n)
+{
+    struct entry *e = idx_find(ms, k, n);
+    if (e) return e;
+    if (ms->stats.manifests >= ms->nbuckets) idx_grow(ms);
+    if (!ms->nbuckets || !(e = malloc(sizeof *e + n))) return NULL;
+    e->hash = key_hash(k, n);
+    e->bytes = 0;
+    e->last_use_ms = 0;
+    e->klen = n;
+    memcpy(e->key, k, n);
+    am_dl_init(&e->lru);
+    am_dl_init(&e->dirty);
+    e->hnext = ms->buckets[e->hash & (ms->nbuckets - 1)];
+    ms->buckets[e->hash & (ms->nbuckets - 1)] = e;
+    ms->stats.manifests++;
+    return e;
+}
+
+static void idx_set_bytes(struct am_metastore *ms, struct entry *e, uint64_t bytes)
+{
+    ms->stats.manifest_bytes = ms->stats.manifest_bytes - e->bytes + bytes;
+    e->bytes = bytes;
+}
+
+static void clear_dirty(struct am_metastore *ms, struct entry *e)
+{
+    if (!am_dl_linked(&e->dirty)) return;
+    am_dl_remove(&e->dirty);
+    ms->ndirty--;
+}
+
+static void idx_remove(struct am_metastore *ms, struct entry *e)
+{
+    struct entry **pp = &ms->buckets[e->hash & (ms->nbuckets - 1)];
+    while (*pp != e) pp = &(*pp)->hnext;
+    *pp = e->hnext;
+    am_dl_remove(&e->lru);
+    clear_dirty(ms, e);
+    idx_set_bytes(ms, e, 0);
+    ms->stats.manifests--;
+    free(e);
+}
+
+static void idx_free(struct am_metastore *ms)
+{
+    for (size_t i = 0; i < ms->nbuckets; i++) {
+        for (struct entry *e = ms->buckets[i], *next; e; e = next) {
+            next = e->hnext;
+            free(e);
+        }
+    }
+    free(ms->buckets);
+    ms->buckets = NULL;
+    ms->nbuckets = 0;
+}
+
+/* Makes e the most recently used at now_ms. A read's time waits on the dirty list for a
+ * batch; a put writes its own (so `dirty` false also takes e off that list). */
+static void idx_use(struct am_metastore *ms, struct entry *e, uint64_t now_ms, bool dirty)
+{
+    e->last_use_ms = now_ms;
+    am_dl_remove(&e->lru);
+    am_dl_push_tail(&ms->lru, &e->lru);
+    if (!dirty) {
+        clear_dirty(ms, e);
+    } else if (!am_dl_linked(&e->dirty)) {
+        am_dl_push_tail(&ms->dirty, &e->dirty);
+        ms->ndirty++;
+    }
+}
+
+/* The index's totals, for /metrics. */
+static void publish(const struct am_metastore *ms)
+{
+    am_metrics_set_manifest_cache(ms->stats.manifest_bytes, ms->stats.manifests, ms->max_bytes);
+}
+
 /* ---- opening ---- */
 
 /* Checks the schema version in an open "meta" DB. Returns 0, MDB_NOTFOUND (no version
@@ -248,7 +439,8 @@ static int create_dbs(struct am_metastore *ms, char *msg, size_t msglen)
     if ((rc = mdb_dbi_open(txn, "meta", MDB_CREATE, &ms->dbi_meta)) ||
         (rc = mdb_dbi_open(txn, "manifests", MDB_CREATE, &ms->dbi_manifests)) ||
         (rc = mdb_dbi_open(txn, "tags", MDB_CREATE, &ms->dbi_tags)) ||
-        (rc = mdb_dbi_open(txn, "platforms", MDB_CREATE, &ms->dbi_platforms)))
+        (rc = mdb_dbi_open(txn, "platforms", MDB_CREATE, &ms->dbi_platforms)) ||
+        (rc = mdb_dbi_open(txn, "access", MDB_CREATE, &ms->dbi_access)))
         goto fail;
     int src = check_schema(txn, ms->dbi_meta, ms->path, msg, msglen);
     if (src == MDB_NOTFOUND) {
@@ -273,19 +465,25 @@ fail:
     return from_mdb(rc) == AM_ENOT_FOUND ? AM_ESTORE : from_mdb(rc);
 }
 
-/* Adds the "platforms" DB to a file made before it existed: one small write txn, once. */
-static int add_platforms_db(struct am_metastore *ms, char *msg, size_t msglen)
+/* Adds the "platforms" and/or "access" DB to a file made before they existed: one small
+ * write txn, once. */
+static int add_dbs(struct am_metastore *ms, bool platforms, bool access, char *msg, size_t msglen)
 {
     MDB_txn *txn = NULL;
     int rc = mdb_txn_begin(ms->env, NULL, 0, &txn);
-    if (!rc) rc = mdb_dbi_open(txn, "platforms", MDB_CREATE, &ms->dbi_platforms);
+    if (!rc && platforms) rc = mdb_dbi_open(txn, "platforms", MDB_CREATE, &ms->dbi_platforms);
+    if (!rc && access) rc = mdb_dbi_open(txn, "access", MDB_CREATE, &ms->dbi_access);
     if (!rc) {
         rc = mdb_txn_commit(txn);
         txn = NULL;
     }
     if (!rc) return 0;
     if (txn) mdb_txn_abort(txn);
-    fill_msg(msg, msglen, "%s: adding the platforms database: %s", ms->path, mdb_strerror(rc));
+    fill_msg(msg, msglen, "%s: adding the %s database: %s", ms->path,
+             platforms && access ? "platforms and access"
+             : platforms         ? "platforms"
+                                 : "access",
+             mdb_strerror(rc));
     rc = from_mdb(rc);
     return rc == AM_ENOT_FOUND ? AM_ESTORE : rc;
 }
@@ -323,11 +521,18 @@ static int open_dbs(struct am_metastore *ms, char *msg, size_t msglen)
         fill_msg(msg, msglen, "%s: opening the databases: %s", ms->path, mdb_strerror(rc));
         goto fail;
     }
-    /* "platforms" came after the first release: a file without it gets it below. */
+    /* "platforms" and "access" came after the first release: a file without them gets
+     * them below. */
     rc = mdb_dbi_open(txn, "platforms", 0, &ms->dbi_platforms);
     bool add_platforms = rc == MDB_NOTFOUND;
     if (rc && !add_platforms) {
         fill_msg(msg, msglen, "%s: opening the platforms database: %s", ms->path, mdb_strerror(rc));
+        goto fail;
+    }
+    rc = mdb_dbi_open(txn, "access", 0, &ms->dbi_access);
+    bool add_access = rc == MDB_NOTFOUND;
+    if (rc && !add_access) {
+        fill_msg(msg, msglen, "%s: opening the access database: %s", ms->path, mdb_strerror(rc));
         goto fail;
     }
     /* Commit, not abort: an aborted txn would close the DBI handles it opened. */
@@ -337,11 +542,97 @@ static int open_dbs(struct am_metastore *ms, char *msg, size_t msglen)
         fill_msg(msg, msglen, "%s: %s", ms->path, mdb_strerror(rc));
         goto fail;
     }
-    if (add_platforms) return add_platforms_db(ms, msg, msglen);
+    if (add_platforms || add_access) return add_dbs(ms, add_platforms, add_access, msg, msglen);
     return 0;
 
 fail:
     if (txn) mdb_txn_abort(txn);
+    return rc == ENOMEM ? AM_ENOMEM : AM_ESTORE;
+}
+
+static struct op *op_new(MDB_dbi dbi, const unsigned char *key, size_t klen, size_t vlen,
+                         am_metastore_cb cb, void *arg);
+static void enqueue(struct am_metastore *ms, struct op *o);
+
+static int cmp_last_use(const void *a, const void *b)
+{
+    const struct entry *x = *(struct entry *const *)a, *y = *(struct entry *const *)b;
+    return x->last_use_ms < y->last_use_ms ? -1 : x->last_use_ms > y->last_use_ms;
+}
+
+/* Builds the index in one read txn: every manifest's key and length (the value's pages
+ * are not read, except the header of a manifest without an access record), its last use
+ * from "access", then the LRU list in that order. Access records without a manifest (an
+ * older build deleted it) are queued for deletion. Returns 0, or AM_ENOMEM / AM_ESTORE
+ * with msg filled; on failure the caller frees what was indexed. */
+static int load_index(struct am_metastore *ms, char *msg, size_t msglen)
+{
+    MDB_txn *txn = NULL;
+    MDB_cursor *cur = NULL;
+    struct entry **all = NULL;
+    struct op *orphans = NULL;
+    size_t n = 0, cap = 0;
+    MDB_val k, v, a;
+    int rc = mdb_txn_begin(ms->env, NULL, MDB_RDONLY, &txn);
+    if (rc || (rc = mdb_cursor_open(txn, ms->dbi_manifests, &cur))) goto fail;
+    for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        if (n == cap) {
+            size_t ncap = cap ? cap * 2 : 1024;
+            struct entry **na = realloc(all, ncap * sizeof *na);
+            if (!na) goto nomem;
+            all = na;
+            cap = ncap;
+        }
+        struct entry *e = idx_get_or_add(ms, k.mv_data, k.mv_size);
+        if (!e) goto nomem;
+        idx_set_bytes(ms, e, (uint64_t)k.mv_size + v.mv_size);
+        if (mdb_get(txn, ms->dbi_access, &k, &a) == 0 && a.mv_size == ACCESS_LEN)
+            e->last_use_ms = am_le_get64(a.mv_data);
+        else if (v.mv_size >= HDR_LEN)
+            e->last_use_ms = am_le_get64((const unsigned char *)v.mv_data + 8); /* stored_at */
+        all[n++] = e;
+    }
+    if (rc != MDB_NOTFOUND) goto fail;
+    mdb_cursor_close(cur);
+    cur = NULL;
+    if ((rc = mdb_cursor_open(txn, ms->dbi_access, &cur))) goto fail;
+    for (rc = mdb_cursor_get(cur, &k, &a, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &a, MDB_NEXT)) {
+        if (idx_find(ms, k.mv_data, k.mv_size)) continue;
+        struct op *o = op_new(ms->dbi_access, k.mv_data, k.mv_size, 0, NULL, NULL);
+        if (!o) goto nomem;
+        o->del = o->internal = true;
+        o->next = orphans;
+        orphans = o;
+    }
+    if (rc != MDB_NOTFOUND) goto fail;
+    mdb_cursor_close(cur);
+    mdb_txn_abort(txn);
+
+    if (n) qsort(all, n, sizeof *all, cmp_last_use); /* all is NULL for an empty store */
+    for (size_t i = 0; i < n; i++) am_dl_push_tail(&ms->lru, &all[i]->lru);
+    free(all);
+    while (orphans) {
+        struct op *o = orphans;
+        orphans = o->next;
+        enqueue(ms, o);
+    }
+    return 0;
+
+nomem:
+    rc = ENOMEM;
+fail:
+    if (cur) mdb_cursor_close(cur);
+    if (txn) mdb_txn_abort(txn);
+    free(all);
+    while (orphans) {
+        struct op *o = orphans;
+        orphans = o->next;
+        free(o);
+    }
+    fill_msg(msg, msglen, "%s: reading the manifest index: %s", ms->path,
+             rc == ENOMEM ? "out of memory" : mdb_strerror(rc));
     return rc == ENOMEM ? AM_ENOMEM : AM_ESTORE;
 }
 
@@ -362,6 +653,8 @@ int am_metastore_open(uv_loop_t *loop, const char *dir, uint64_t map_bytes,
     ms = calloc(1, sizeof *ms);
     if (!ms) goto nomem;
     ms->loop = loop;
+    am_dl_init(&ms->lru);
+    am_dl_init(&ms->dirty);
     size_t plen = strlen(dir) + sizeof "/" DB_FILE;
     if (!(ms->path = malloc(plen))) goto nomem;
     snprintf(ms->path, plen, "%s/%s", dir, DB_FILE);
@@ -383,7 +676,8 @@ int am_metastore_open(uv_loop_t *loop, const char *dir, uint64_t map_bytes,
     /* Reader slots of a crashed earlier process would pin old pages forever. */
     int dead = 0;
     (void)mdb_reader_check(ms->env, &dead);
-    if ((rc = open_dbs(ms, msg, msglen)) != 0) goto fail;
+    if ((rc = open_dbs(ms, msg, msglen)) != 0 || (rc = load_index(ms, msg, msglen)) != 0) goto fail;
+    publish(ms);
     *out = ms;
     return 0;
 
@@ -393,6 +687,7 @@ nomem:
 fail:
     if (ms) {
         if (ms->env) mdb_env_close(ms->env);
+        idx_free(ms);
         free(ms->path);
         free(ms);
     }
@@ -417,18 +712,10 @@ static const struct op *find_queued(const struct am_metastore *ms, MDB_dbi dbi, 
     return found;
 }
 
-/* Gets key from dbi into a fresh view (a queued write, or an LMDB snapshot); the caller
- * must call read_end afterwards, and must not use the view after it. Returns 0,
- * AM_ENOT_FOUND or AM_ESTORE/AM_ENOMEM. */
-static int read_begin(struct am_metastore *ms, MDB_dbi dbi, const struct key *k, MDB_val *v)
+/* Gets key from dbi in an LMDB snapshot, ignoring queued writes; as read_begin. */
+static int read_stored(struct am_metastore *ms, MDB_dbi dbi, const struct key *k, MDB_val *v)
 {
     int rc;
-    const struct op *q = find_queued(ms, dbi, k);
-    if (q) {
-        v->mv_size = q->vlen;
-        v->mv_data = (void *)(q->data + q->klen);
-        return 0;
-    }
     if (ms->rtxn) {
         rc = mdb_txn_renew(ms->rtxn);
         if (rc) {
@@ -451,6 +738,21 @@ static int read_begin(struct am_metastore *ms, MDB_dbi dbi, const struct key *k,
     if (rc == MDB_NOTFOUND) return AM_ENOT_FOUND;
     AM_WARN("metastore: %s: read: %s", ms->path, mdb_strerror(rc));
     return AM_ESTORE;
+}
+
+/* Gets key from dbi into a fresh view (a queued write, or an LMDB snapshot); the caller
+ * must call read_end afterwards, and must not use the view after it. Returns 0,
+ * AM_ENOT_FOUND (also: a queued delete) or AM_ESTORE/AM_ENOMEM. */
+static int read_begin(struct am_metastore *ms, MDB_dbi dbi, const struct key *k, MDB_val *v)
+{
+    const struct op *q = find_queued(ms, dbi, k);
+    if (q) {
+        if (q->del) return AM_ENOT_FOUND;
+        v->mv_size = q->vlen;
+        v->mv_data = (void *)(q->data + q->klen);
+        return 0;
+    }
+    return read_stored(ms, dbi, k, v);
 }
 
 /* Releases the snapshot; the handle is kept for the next read. */
@@ -530,6 +832,23 @@ bad:
     return AM_ESTORE;
 }
 
+static void maybe_start(struct am_metastore *ms);
+
+/* A manifest of k and vlen value bytes was read: the index learns its use. No write. */
+static void note_read(struct am_metastore *ms, const struct key *k, size_t vlen)
+{
+    struct entry *e = idx_find(ms, k->buf, k->len);
+    if (!e) {
+        /* Only after a reconciliation that could not run (out of memory, a read error):
+         * index what LMDB holds rather than leave it outside the budget. */
+        if (!(e = idx_get_or_add(ms, k->buf, k->len))) return;
+        idx_set_bytes(ms, e, (uint64_t)k->len + vlen);
+        publish(ms);
+    }
+    idx_use(ms, e, am_metastore_now_ms(), true);
+    if (ms->ndirty >= ACCESS_FLUSH_N) maybe_start(ms);
+}
+
 int am_metastore_get_manifest(struct am_metastore *ms, const char *upstream, const char *repo,
                               const struct am_digest *digest, struct am_manifest_rec *out)
 {
@@ -537,6 +856,7 @@ int am_metastore_get_manifest(struct am_metastore *ms, const char *upstream, con
     MDB_val v;
     struct decoded d;
     char *bytes;
+    size_t vlen;
     int rc;
 
     if (!out) return AM_EINVAL;
@@ -563,7 +883,9 @@ int am_metastore_get_manifest(struct am_metastore *ms, const char *upstream, con
     out->len = d.body_len;
     out->stored_at_ms = d.time_ms;
 done:
+    vlen = v.mv_size;
     read_end(ms);
+    if (rc == 0) note_read(ms, &k, vlen);
     return rc;
 }
 
@@ -725,27 +1047,36 @@ void am_metastore_get_stats(const struct am_metastore *ms, struct am_metastore_s
 
 /* ---- writes ---- */
 
-static void maybe_start(struct am_metastore *ms);
-
-/* Worker thread: the whole batch in one write transaction. Touches only ms->env,
- * ms->batch and ms->batch_rc. */
 static int cmp_u64(const void *a, const void *b)
 {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y;
 }
 
-/* Worker thread, when the map is full: deletes the oldest quarter of the manifests (by
- * the time they were stored) in one transaction, so the cache stays bounded by its map
- * instead of refusing every new manifest. Manifests are immutable and content-addressed:
- * one evicted while still in use is fetched again by digest on its next request. Tags
- * are small and stay. Returns how many were deleted. */
+/* When a manifest was last used, as the worker knows it: its access record, else the time
+ * it was stored. */
+static uint64_t stored_last_use(struct am_metastore *ms, MDB_txn *txn, MDB_val *k, const MDB_val *v)
+{
+    MDB_val a;
+    if (mdb_get(txn, ms->dbi_access, k, &a) == 0 && a.mv_size == ACCESS_LEN)
+        return am_le_get64(a.mv_data);
+    return v->mv_size >= HDR_LEN ? am_le_get64((const unsigned char *)v->mv_data + 8) : 0;
+}
+
+/* Worker thread, when the map is full although the budget should have kept it from
+ * filling (a budget too close to the map, or none): deletes the quarter of the manifests
+ * used longest ago, by the times LMDB has (the index is the loop's), with their access
+ * records, in one transaction, so the cache stays bounded by its map instead of refusing
+ * every new manifest. Manifests are immutable and content-addressed: one evicted while
+ * still in use is fetched again by digest on its next request. Tags are small and stay.
+ * The deleted keys go to ms->room for the loop's index. Returns how many were deleted. */
 static size_t evict_oldest_manifests(struct am_metastore *ms)
 {
     MDB_txn *txn = NULL;
     MDB_cursor *cur = NULL;
     uint64_t *times = NULL;
-    size_t n = 0, cap = 0, deleted = 0;
+    struct op_list room = {0};
+    size_t n = 0, cap = 0;
     MDB_val k, v;
     if (mdb_txn_begin(ms->env, NULL, 0, &txn) || mdb_cursor_open(txn, ms->dbi_manifests, &cur))
         goto fail;
@@ -758,25 +1089,48 @@ static size_t evict_oldest_manifests(struct am_metastore *ms)
             times = t;
             cap = ncap;
         }
-        times[n++] = v.mv_size >= HDR_LEN ? am_le_get64((const unsigned char *)v.mv_data + 8) : 0;
+        times[n++] = stored_last_use(ms, txn, &k, &v);
     }
     if (n == 0) goto fail;
     qsort(times, n, sizeof *times, cmp_u64);
     uint64_t cutoff = times[n / 4];
     for (int rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
          rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-        uint64_t t = v.mv_size >= HDR_LEN ? am_le_get64((const unsigned char *)v.mv_data + 8) : 0;
-        if (t <= cutoff && mdb_cursor_del(cur, 0) == 0) deleted++;
+        if (stored_last_use(ms, txn, &k, &v) > cutoff) continue;
+        struct op *o = op_new(ms->dbi_manifests, k.mv_data, k.mv_size, 0, NULL, NULL);
+        if (!o) break;
+        o->del = o->internal = true;
+        int drc = mdb_del(txn, ms->dbi_access, &k, NULL);
+        if ((drc != 0 && drc != MDB_NOTFOUND) || mdb_cursor_del(cur, 0) != 0) {
+            free(o);
+            goto fail; /* a half-done delete: abort them all */
+        }
+        if (room.tail)
+            room.tail->next = o;
+        else
+            room.head = o;
+        room.tail = o;
+        room.n++;
     }
     mdb_cursor_close(cur);
     cur = NULL;
-    if (mdb_txn_commit(txn)) deleted = 0;
+    int crc = mdb_txn_commit(txn);
     txn = NULL;
+    if (crc) goto fail;
+    free(times);
+    ms->room = room;
+    return room.n;
+
 fail:
     if (cur) mdb_cursor_close(cur);
     if (txn) mdb_txn_abort(txn);
     free(times);
-    return deleted;
+    while (room.head) {
+        struct op *o = room.head;
+        room.head = o->next;
+        free(o);
+    }
+    return 0;
 }
 
 /* A one-record write (the time of the last eviction) that moves LMDB's txn id on. */
@@ -793,7 +1147,9 @@ static int touch_meta(struct am_metastore *ms)
     return rc;
 }
 
-/* One write transaction for the whole batch; nothing of a failed batch is applied. */
+/* One write transaction for the whole batch; nothing of a failed batch is applied. A
+ * manifest's access record is written and deleted with it. Worker thread: touches only
+ * ms->env, the DBI handles (fixed since open) and ms->batch. */
 static int write_batch(struct am_metastore *ms)
 {
     MDB_txn *txn = NULL;
@@ -801,7 +1157,21 @@ static int write_batch(struct am_metastore *ms)
     for (struct op *o = ms->batch.head; rc == 0 && o; o = o->next) {
         MDB_val k = {.mv_size = o->klen, .mv_data = o->data};
         MDB_val v = {.mv_size = o->vlen, .mv_data = o->data + o->klen};
-        rc = mdb_put(txn, o->dbi, &k, &v, 0);
+        bool manifest = o->dbi == ms->dbi_manifests;
+        if (o->del) {
+            rc = mdb_del(txn, o->dbi, &k, NULL);
+            if (rc == MDB_NOTFOUND) rc = 0;
+            if (rc == 0 && manifest &&
+                (rc = mdb_del(txn, ms->dbi_access, &k, NULL)) == MDB_NOTFOUND)
+                rc = 0;
+        } else {
+            rc = mdb_put(txn, o->dbi, &k, &v, 0);
+            if (rc == 0 && manifest) {
+                /* Stored counts as used: the header's stored_at_ms. */
+                MDB_val a = {.mv_size = ACCESS_LEN, .mv_data = o->data + o->klen + 8};
+                rc = mdb_put(txn, ms->dbi_access, &k, &a, 0);
+            }
+        }
     }
     if (txn) {
         if (rc == 0)
@@ -818,7 +1188,6 @@ static void on_batch_work(uv_work_t *w)
     int rc = write_batch(ms);
     if (rc == MDB_MAP_FULL) {
         size_t freed = evict_oldest_manifests(ms);
-        ms->batch_evicted = freed;
         /* LMDB reuses the pages a transaction freed only once a later transaction has
          * committed (the meta pages are double-buffered): commit a small one first. */
         if (freed && touch_meta(ms) == 0) rc = write_batch(ms);
@@ -826,31 +1195,82 @@ static void on_batch_work(uv_work_t *w)
     ms->batch_rc = rc;
 }
 
+/* After a failed batch or a full-map eviction: makes the index entry of key kb agree with
+ * what LMDB holds, unless a queued write of that key (which the index already reflects)
+ * is still to come. A manifest that is back (its delete failed) is the next to go. */
+static void reconcile(struct am_metastore *ms, const unsigned char *kb, size_t klen)
+{
+    struct key k;
+    MDB_val v;
+    if (ms->closing || klen > sizeof k.buf) return; /* no more reads once closing */
+    memcpy(k.buf, kb, klen);
+    k.len = klen;
+    if (find_queued(ms, ms->dbi_manifests, &k)) return;
+    struct entry *e = idx_find(ms, k.buf, k.len);
+    int rc = read_stored(ms, ms->dbi_manifests, &k, &v);
+    if (rc == AM_ENOT_FOUND) {
+        if (e) idx_remove(ms, e);
+        return;
+    }
+    if (rc) return;
+    uint64_t bytes = (uint64_t)k.len + v.mv_size;
+    read_end(ms);
+    if (!e) {
+        if (!(e = idx_get_or_add(ms, k.buf, k.len))) return;
+        am_dl_push_head(&ms->lru, &e->lru);
+    }
+    idx_set_bytes(ms, e, bytes);
+}
+
+static void free_ops(struct op *o)
+{
+    while (o) {
+        struct op *next = o->next;
+        free(o);
+        o = next;
+    }
+}
+
 /* Loop thread: counts, logs once, and runs each op's callback with the batch's status. */
 static void on_batch_done(uv_work_t *w, int uvstatus)
 {
     struct am_metastore *ms = w->data;
-    struct op_list done = ms->batch;
+    struct op_list done = ms->batch, room = ms->room;
     int mrc = uvstatus ? uvstatus : ms->batch_rc;
     int status = uvstatus ? AM_ESTORE : from_mdb(ms->batch_rc);
+    size_t n_user = 0, n_access = 0;
     if (status == AM_ENOT_FOUND) status = AM_ESTORE;
 
     ms->batch = (struct op_list){0};
+    ms->room = (struct op_list){0};
     ms->stats.write_txns++;
-    if (ms->batch_evicted) {
-        AM_INFO("metastore: %s: map full: evicted the oldest %zu manifests", ms->path,
-                ms->batch_evicted);
-        ms->stats.evicted += ms->batch_evicted;
-        ms->batch_evicted = 0;
+    for (struct op *o = done.head; o; o = o->next) {
+        if (!o->internal)
+            n_user++;
+        else if (o->dbi == ms->dbi_access && !o->del)
+            n_access++;
+    }
+    if (room.n) {
+        AM_WARN("metastore: %s: map full: evicted the %zu manifests used longest ago "
+                "(cache.manifest_max_size too close to metastore_map_size?)",
+                ms->path, room.n);
+        ms->stats.evicted_map_full += room.n;
+        am_metrics_count_manifest_evictions(true, room.n);
+        for (struct op *o = room.head; o; o = o->next) reconcile(ms, o->data, o->klen);
+        free_ops(room.head);
     }
     if (status == 0) {
-        ms->stats.committed += done.n;
+        ms->stats.committed += n_user;
+        ms->stats.access_records += n_access;
     } else {
-        ms->stats.failed += done.n;
+        ms->stats.failed += n_user;
         AM_WARN("metastore: %s: write of %zu record%s failed: %s (%s)", ms->path, done.n,
                 done.n == 1 ? "" : "s", uvstatus ? uv_strerror(uvstatus) : mdb_strerror(mrc),
                 am_error_name(status));
+        for (struct op *o = done.head; o; o = o->next)
+            if (o->dbi == ms->dbi_manifests) reconcile(ms, o->data, o->klen);
     }
+    publish(ms);
     /* `running` stays set while the callbacks run, so puts they make queue for the next
      * batch instead of starting one per callback. */
     for (struct op *o = done.head, *next; o; o = next) {
@@ -878,20 +1298,56 @@ static void on_close_done(uv_work_t *w, int uvstatus)
     void (*done)(void *) = ms->close_done;
     void *arg = ms->close_arg;
     (void)uvstatus; /* never canceled: we never call uv_cancel */
+    idx_free(ms);
     free(ms->path);
     free(ms);
     if (done) done(arg);
 }
 
+/* Moves up to ACCESS_BATCH_MAX read times from the dirty list into ops at the end of
+ * *into. Closing cannot wait for memory: what cannot be copied then is dropped. */
+static void take_access_records(struct am_metastore *ms, struct op_list *into)
+{
+    size_t n = 0;
+    while (ms->ndirty > 0 && n < ACCESS_BATCH_MAX) {
+        struct entry *e = container_of(ms->dirty.next, struct entry, dirty);
+        struct op *o = op_new(ms->dbi_access, e->key, e->klen, ACCESS_LEN, NULL, NULL);
+        if (!o) {
+            if (ms->closing) {
+                AM_WARN("metastore: %s: out of memory: %zu last-read times not written", ms->path,
+                        ms->ndirty);
+                while (ms->ndirty > 0)
+                    clear_dirty(ms, container_of(ms->dirty.next, struct entry, dirty));
+            }
+            break;
+        }
+        o->internal = true;
+        am_le_put64(o->data + o->klen, e->last_use_ms);
+        clear_dirty(ms, e);
+        if (into->tail)
+            into->tail->next = o;
+        else
+            into->head = o;
+        into->tail = o;
+        into->n++;
+        n++;
+    }
+}
+
 /* Starts the next batch, or the close, if nothing runs. Loop thread. */
 static void maybe_start(struct am_metastore *ms)
 {
+    struct op_list batch = {0};
     int rc;
     if (ms->running) return;
     ms->work.data = ms;
+    /* Read times ride with any batch; alone only when enough have accumulated. They go
+     * first: a put or delete of the same key later in the batch must win. */
+    if (ms->ndirty > 0 && (ms->pending.head || ms->ndirty >= ACCESS_FLUSH_N || ms->closing))
+        take_access_records(ms, &batch);
     if (ms->pending.head) {
         /* Move the first ops (at least one) from pending into the batch. */
-        struct op *o = ms->pending.head, *last = NULL;
+        struct op *first = ms->pending.head, *o = first, *last = NULL;
         size_t n = 0, bytes = 0;
         while (o && (n == 0 || (n < BATCH_MAX_OPS && bytes + o->vlen <= BATCH_MAX_BYTES))) {
             bytes += o->vlen;
@@ -899,11 +1355,19 @@ static void maybe_start(struct am_metastore *ms)
             last = o;
             o = o->next;
         }
-        ms->batch = (struct op_list){.head = ms->pending.head, .tail = last, .n = n};
         last->next = NULL;
         ms->pending.head = o;
         ms->pending.n -= n;
         if (!o) ms->pending.tail = NULL;
+        if (batch.tail)
+            batch.tail->next = first;
+        else
+            batch.head = first;
+        batch.tail = last;
+        batch.n += n;
+    }
+    if (batch.head) {
+        ms->batch = batch;
         ms->running = true;
         rc = uv_queue_work(ms->loop, &ms->work, on_batch_work, on_batch_done);
     } else if (ms->closing) {
@@ -927,25 +1391,73 @@ static void enqueue(struct am_metastore *ms, struct op *o)
         ms->pending.head = o;
     ms->pending.tail = o;
     ms->pending.n++;
-    ms->stats.puts++;
+    if (!o->internal) ms->stats.puts++;
     maybe_start(ms);
 }
 
-/* Allocates an op with room for key and a value of vlen; copies the key. */
-static struct op *op_new(MDB_dbi dbi, const struct key *k, size_t vlen, am_metastore_cb cb,
-                         void *arg)
+/* Allocates an op with room for key and a value of vlen; copies the key. Thread-safe (the
+ * worker allocates the ops of a full-map eviction). */
+static struct op *op_new(MDB_dbi dbi, const unsigned char *key, size_t klen, size_t vlen,
+                         am_metastore_cb cb, void *arg)
 {
-    if (vlen > SIZE_MAX - sizeof(struct op) - k->len) return NULL;
-    struct op *o = malloc(sizeof *o + k->len + vlen);
+    if (vlen > SIZE_MAX - sizeof(struct op) - klen) return NULL;
+    struct op *o = malloc(sizeof *o + klen + vlen);
     if (!o) return NULL;
     o->next = NULL;
     o->cb = cb;
     o->arg = arg;
     o->dbi = dbi;
-    o->klen = k->len;
+    o->del = false;
+    o->internal = false;
+    o->klen = klen;
     o->vlen = vlen;
-    memcpy(o->data, k->buf, k->len);
+    memcpy(o->data, key, klen);
     return o;
+}
+
+/* Above the high watermark, queues deletes of the least recently used manifests until
+ * the total is at most the low one. Loop thread; runs after each manifest put. */
+static void maybe_evict(struct am_metastore *ms)
+{
+    size_t n = 0;
+    uint64_t freed = 0;
+    if (ms->closing || ms->max_bytes == 0 || ms->stats.manifest_bytes <= ms->high_bytes) return;
+    while (ms->stats.manifest_bytes > ms->low_bytes && am_dl_linked(&ms->lru)) {
+        struct entry *e = container_of(ms->lru.next, struct entry, lru);
+        struct op *o = op_new(ms->dbi_manifests, e->key, e->klen, 0, NULL, NULL);
+        if (!o) break; /* the next put tries again */
+        o->del = o->internal = true;
+        freed += e->bytes;
+        n++;
+        idx_remove(ms, e);
+        enqueue(ms, o);
+    }
+    if (n == 0) return;
+    ms->stats.evicted += n;
+    ms->stats.evicted_bytes += freed;
+    am_metrics_count_manifest_evictions(false, n);
+    publish(ms);
+    AM_INFO("metastore: %s: over the manifest budget: evicting the %zu least recently used "
+            "(%llu bytes); %llu bytes in %llu manifests remain",
+            ms->path, n, (unsigned long long)freed, (unsigned long long)ms->stats.manifest_bytes,
+            (unsigned long long)ms->stats.manifests);
+}
+
+int am_metastore_set_budget(struct am_metastore *ms, uint64_t max_bytes, unsigned high_pct,
+                            unsigned low_pct)
+{
+    if (!ms || high_pct < 1 || high_pct > 100 || low_pct < 1 || low_pct > high_pct)
+        return AM_EINVAL;
+    if (ms->closing) return AM_EUNAVAILABLE;
+    ms->max_bytes = max_bytes;
+    /* Divide last for small budgets; max_bytes * 100 cannot overflow below 2^57. */
+    ms->high_bytes =
+        max_bytes > UINT64_MAX / 100 ? max_bytes / 100 * high_pct : max_bytes * high_pct / 100;
+    ms->low_bytes =
+        max_bytes > UINT64_MAX / 100 ? max_bytes / 100 * low_pct : max_bytes * low_pct / 100;
+    maybe_evict(ms);
+    publish(ms);
+    return 0;
 }
 
 static void encode_header(unsigned char *p, unsigned kind, size_t mt_len, size_t dg_len,
@@ -974,13 +1486,27 @@ int am_metastore_put_manifest(struct am_metastore *ms, const char *upstream, con
     if (mt_len > AM_MEDIATYPE_MAX || !digest_ok(digest)) return AM_EINVAL;
     if ((rc = make_key(ms, upstream, repo, digest->str, AM_DIGEST_STR_MAX, &k))) return rc;
 
-    struct op *o = op_new(ms->dbi_manifests, &k, HDR_LEN + mt_len + len, cb, arg);
+    size_t vlen = HDR_LEN + mt_len + len;
+    /* A record over the low watermark would evict everything else, then itself. */
+    if (ms->max_bytes && (uint64_t)k.len + vlen > ms->low_bytes) return AM_ETOO_LARGE;
+
+    struct op *o = op_new(ms->dbi_manifests, k.buf, k.len, vlen, cb, arg);
     if (!o) return AM_ENOMEM;
+    struct entry *e = idx_get_or_add(ms, k.buf, k.len);
+    if (!e) {
+        free(o);
+        return AM_ENOMEM;
+    }
+    uint64_t now = am_metastore_now_ms();
     unsigned char *v = o->data + o->klen;
-    encode_header(v, KIND_MANIFEST, mt_len, 0, am_metastore_now_ms(), len);
+    encode_header(v, KIND_MANIFEST, mt_len, 0, now, len);
     memcpy(v + HDR_LEN, media_type, mt_len);
     if (len) memcpy(v + HDR_LEN + mt_len, bytes, len);
+    idx_set_bytes(ms, e, (uint64_t)k.len + vlen);
+    idx_use(ms, e, now, false); /* the put writes its own access record */
     enqueue(ms, o);
+    maybe_evict(ms); /* queued behind the put: same batch, same order */
+    publish(ms);
     return 0;
 }
 
@@ -998,7 +1524,7 @@ int am_metastore_put_tag(struct am_metastore *ms, const char *upstream, const ch
     size_t dg_len = strlen(rec->digest.str);
     if ((rc = make_key(ms, upstream, repo, tag, AM_TAG_MAX, &k))) return rc;
 
-    struct op *o = op_new(ms->dbi_tags, &k, HDR_LEN + mt_len + dg_len, cb, arg);
+    struct op *o = op_new(ms->dbi_tags, k.buf, k.len, HDR_LEN + mt_len + dg_len, cb, arg);
     if (!o) return AM_ENOMEM;
     unsigned char *v = o->data + o->klen;
     encode_header(v, KIND_TAG, mt_len, dg_len, rec->fetched_at_ms, rec->size);
@@ -1029,7 +1555,7 @@ int am_metastore_put_platform(struct am_metastore *ms, const char *upstream, con
     size_t dg_len = strlen(rec->config.str);
     if ((rc = make_key(ms, upstream, repo, manifest->str, AM_DIGEST_STR_MAX, &k))) return rc;
 
-    struct op *o = op_new(ms->dbi_platforms, &k, HDR_LEN + dg_len + body, cb, arg);
+    struct op *o = op_new(ms->dbi_platforms, k.buf, k.len, HDR_LEN + dg_len + body, cb, arg);
     if (!o) return AM_ENOMEM;
     unsigned char *v = o->data + o->klen;
     encode_header(v, KIND_PLATFORM, 0, dg_len, am_metastore_now_ms(), body);

@@ -38,6 +38,8 @@ static struct {
     struct labeled upstreams;
     struct labeled pulls;
     struct labeled mismatches;
+    uint64_t manifest_evictions[2]; /* [map_full] */
+    uint64_t manifest_bytes, manifest_count, manifest_max_bytes;
 } m;
 
 void am_metrics_reset(void)
@@ -112,6 +114,18 @@ void am_metrics_count_mismatch(const char *image, const char *platform)
     char key[160];
     snprintf(key, sizeof key, "%s\x1f%s", image, platform);
     m.mismatches.values[slot(&m.mismatches, key)]++;
+}
+
+void am_metrics_count_manifest_evictions(bool map_full, uint64_t n)
+{
+    m.manifest_evictions[map_full] += n;
+}
+
+void am_metrics_set_manifest_cache(uint64_t bytes, uint64_t manifests, uint64_t max_bytes)
+{
+    m.manifest_bytes = bytes;
+    m.manifest_count = manifests;
+    m.manifest_max_bytes = max_bytes;
 }
 
 /* Label values are written with \\, " and newline escaped (exposition format). */
@@ -245,6 +259,27 @@ int am_metrics_render(struct am_buf *out, am_metrics_gauges_fn gauges, void *arg
         rc = render_labeled(out, &m.pulls, "archmirror_pulls_total",
                             "Completed pulls by node platform.", "platform");
     if (!rc) rc = render_mismatches(out);
+    if (!rc)
+        rc = am_buf_appendf(
+            out,
+            "# HELP archmirror_manifest_cache_bytes Bytes of cached manifests (keys and values as "
+            "stored).\n# TYPE archmirror_manifest_cache_bytes gauge\n"
+            "archmirror_manifest_cache_bytes %llu\n"
+            "# HELP archmirror_manifest_cache_max_bytes The manifest cache's budget "
+            "(cache.manifest_max_size; 0: unbounded).\n"
+            "# TYPE archmirror_manifest_cache_max_bytes gauge\n"
+            "archmirror_manifest_cache_max_bytes %llu\n"
+            "# HELP archmirror_manifest_cache_manifests Cached manifests.\n"
+            "# TYPE archmirror_manifest_cache_manifests gauge\n"
+            "archmirror_manifest_cache_manifests %llu\n"
+            "# HELP archmirror_manifest_cache_evictions_total Manifests evicted: lru to stay in "
+            "budget, map_full when the LMDB map filled.\n"
+            "# TYPE archmirror_manifest_cache_evictions_total counter\n"
+            "archmirror_manifest_cache_evictions_total{reason=\"lru\"} %llu\n"
+            "archmirror_manifest_cache_evictions_total{reason=\"map_full\"} %llu\n",
+            (unsigned long long)m.manifest_bytes, (unsigned long long)m.manifest_max_bytes,
+            (unsigned long long)m.manifest_count, (unsigned long long)m.manifest_evictions[0],
+            (unsigned long long)m.manifest_evictions[1]);
     if (!rc && gauges) rc = gauges(arg, out);
     return rc;
 }

@@ -24,6 +24,10 @@ struct slot {
     struct am_digest digest; /* the top manifest the tag resolved to */
     uint64_t bytes;          /* manifest bytes served in this pull so far */
     bool hit;                /* every manifest of this pull came from the cache */
+    /* Child indexes of that top index (an index of indexes): fetching one by digest is
+     * the same pull going one level down, not a new pull without a tag. */
+    struct am_digest nested[AM_PULLTRACK_NESTED];
+    size_t n_nested;
 };
 
 struct am_pulltrack {
@@ -31,6 +35,11 @@ struct am_pulltrack {
     struct am_imageinfo *ii;
     struct am_pulllog *pl;
     struct slot slots[AM_PULLTRACK_NODES];
+    /* Recent completions, (node, upstream, repository, manifest) hashed to 64 bits:
+     * a false match needs a 64-bit collision within the window. */
+    struct recent {
+        uint64_t key, at_ms;
+    } recent[AM_PULLTRACK_RECENT];
 };
 
 int am_pulltrack_new(const struct am_config *cfg, struct am_imageinfo *ii, struct am_pulllog *pl,
@@ -90,6 +99,59 @@ static struct slot *lookup(struct am_pulltrack *pt, const char *node, size_t up_
     snprintf(victim->repo, sizeof victim->repo, "%s", repo);
     victim->hit = true;
     return victim;
+}
+
+/* Whether this node (address and X-Node-Platform) completed a pull ending at manifest d
+ * within pull_log.dedupe_window;
+ * remembers this completion either way (4-way sets, the oldest entry goes). */
+static bool seen_recently(struct am_pulltrack *pt, const char *node, const char *header,
+                          size_t up_idx, const char *repo, const struct am_digest *d, uint64_t now)
+{
+    uint64_t window = pt->cfg->pulllog_dedupe_ms;
+    if (!window) return false;
+    uint64_t key = hash(node, up_idx, repo);
+    /* The header is part of who pulled: one address, two hosts.toml, two nodes. */
+    for (const char *p = header; *p; p++) key = (key ^ (unsigned char)*p) * 1099511628211u;
+    for (const char *p = d->str; *p; p++) key = (key ^ (unsigned char)*p) * 1099511628211u;
+    key ^= key >> 29;
+    key |= 1; /* 0 marks a free entry */
+    size_t base = (size_t)((key >> 7) % (AM_PULLTRACK_RECENT / 4)) * 4;
+    struct recent *victim = &pt->recent[base];
+    for (size_t i = 0; i < 4; i++) {
+        struct recent *r = &pt->recent[base + i];
+        if (r->key == key) {
+            bool dup = now >= r->at_ms && now - r->at_ms < window;
+            if (!dup) r->at_ms = now; /* a new pull: the window starts again */
+            return dup;
+        }
+        if (r->at_ms < victim->at_ms) victim = r;
+    }
+    victim->key = key;
+    victim->at_ms = now;
+    return false;
+}
+
+static bool is_nested(const struct slot *s, const struct am_digest *d)
+{
+    for (size_t i = 0; i < s->n_nested; i++)
+        if (am_digest_equal(&s->nested[i], d)) return true;
+    return false;
+}
+
+/* Remembers the child indexes an index served to this node lists (bytes verified by the
+ * caller). Past AM_PULLTRACK_NESTED of them, the rest count as pulls of their own. */
+static void note_nested(struct slot *s, const struct am_pulltrack_event *ev)
+{
+    struct am_manifest m;
+    char msg[128];
+    if (am_manifest_parse(ev->bytes, (size_t)ev->size, ev->media_type, &m, msg, sizeof msg)) return;
+    for (size_t i = 0; i < m.n_entries && s->n_nested < AM_PULLTRACK_NESTED; i++) {
+        const struct am_descriptor *e = &m.entries[i];
+        enum am_media_kind k = am_mediatype_classify(e->media_type, strlen(e->media_type));
+        if (am_mediatype_is_index(k) && !e->is_attestation && !is_nested(s, &e->digest))
+            s->nested[s->n_nested++] = e->digest;
+    }
+    am_manifest_cleanup(&m);
 }
 
 static void record(struct am_pulltrack *pt, const struct am_pulltrack_event *ev, const char *tag,
@@ -214,17 +276,20 @@ bool am_pulltrack_observe(struct am_pulltrack *pt, const struct am_pulltrack_eve
             (void)am_imageinfo_note_index(pt->ii, ev->up_idx, ev->repo, ev->digest, ev->media_type,
                                           ev->bytes, (size_t)ev->size);
         struct slot *s = lookup(pt, node, ev->up_idx, ev->repo, true, now);
+        bool nested = !ev->tag && is_nested(s, ev->digest);
+        if (!nested && !am_digest_equal(&s->digest, ev->digest)) s->n_nested = 0;
         if (ev->tag) {
             snprintf(s->tag, sizeof s->tag, "%s", ev->tag);
-        } else if (!am_digest_equal(&s->digest, ev->digest)) {
+        } else if (!nested && !am_digest_equal(&s->digest, ev->digest)) {
             s->tag[0] = '\0'; /* an index pulled by digest, not through a tag */
             s->bytes = 0;
             s->hit = true;
         }
-        s->digest = *ev->digest;
+        if (!nested) s->digest = *ev->digest; /* the pull stays the top index's */
         s->at_ms = now;
         s->bytes += ev->bytes ? ev->size : 0;
         s->hit &= ev->cache_hit;
+        if (ev->bytes) note_nested(s, ev);
         return false;
     }
 
@@ -235,7 +300,12 @@ bool am_pulltrack_observe(struct am_pulltrack *pt, const struct am_pulltrack_eve
                                                 &child_plat, &index) == 0) {
         if (!ev->bytes) return false;
         struct slot *s = lookup(pt, node, ev->up_idx, ev->repo, false, now);
-        bool same = s && am_digest_equal(&s->digest, &index);
+        if (seen_recently(pt, node, header, ev->up_idx, ev->repo, ev->digest, now)) {
+            if (s && (am_digest_equal(&s->digest, &index) || is_nested(s, &index))) s->used = false;
+            return false; /* the same pull again (pull_log.dedupe_window) */
+        }
+        bool same = s && (am_digest_equal(&s->digest, &index) || is_nested(s, &index));
+        if (same) index = s->digest; /* a leaf below nested indexes: the top one's pull */
         char inferred[AM_PLATFORM_FORMAT_SIZE];
         am_platform_format(&child_plat, inferred, sizeof inferred);
         struct am_imageinfo_image image;
@@ -256,6 +326,10 @@ bool am_pulltrack_observe(struct am_pulltrack *pt, const struct am_pulltrack_eve
         s->at_ms = now;
         s->hit &= ev->cache_hit;
         return false;
+    }
+    if (seen_recently(pt, node, header, ev->up_idx, ev->repo, ev->digest, now)) {
+        if (s) s->used = false;
+        return false; /* the same pull again (pull_log.dedupe_window) */
     }
     const char *tag = ev->tag;
     if (!tag && s && am_digest_equal(&s->digest, ev->digest)) tag = s->tag;

@@ -663,6 +663,20 @@ static int append_gauges(void *arg, struct am_buf *out)
     if (!reg->bs) return 0;
     struct am_blobstore_stats st;
     am_blobstore_get_stats(reg->bs, &st);
+    if (reg->bf) {
+        struct am_blobflight_stats fs;
+        am_blobflights_get_stats(reg->bf, &fs);
+        int rc = am_buf_appendf(
+            out,
+            "# HELP archmirror_blob_file_bytes_total Blob body bytes sent from files, by how: "
+            "sendfile (zero-copy from the page cache) or copy (read on the thread pool, then "
+            "written).\n"
+            "# TYPE archmirror_blob_file_bytes_total counter\n"
+            "archmirror_blob_file_bytes_total{path=\"sendfile\"} %llu\n"
+            "archmirror_blob_file_bytes_total{path=\"copy\"} %llu\n",
+            (unsigned long long)fs.sendfile_bytes, (unsigned long long)fs.copied_bytes);
+        if (rc) return rc;
+    }
     return am_buf_appendf(
         out,
         "# HELP archmirror_cache_bytes Bytes of cached blobs.\n"

@@ -26,6 +26,7 @@
 struct am_tls_ctx {
     SSL_CTX *ctx; /* owned reference */
     bool insecure;
+    bool server;
 };
 
 struct am_tls {
@@ -64,6 +65,28 @@ static void openssl_reason(char *buf, size_t len)
     ERR_clear_error();
 }
 
+/* What every context shares: TLS 1.2 or later (1.0/1.1 are deprecated, RFC 8996), no
+ * renegotiation, no compression (CRIME). Returns the SSL_CTX owned, or NULL with msg. */
+static SSL_CTX *base_ctx(const SSL_METHOD *method, uint64_t options, char *msg, size_t msglen)
+{
+    char why[256];
+    ERR_clear_error();
+    SSL_CTX *ctx = SSL_CTX_new(method);
+    if (!ctx) {
+        openssl_reason(why, sizeof why);
+        set_msg(msg, msglen, "cannot create a TLS context: %s", why);
+        return NULL;
+    }
+    if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1) {
+        openssl_reason(why, sizeof why);
+        set_msg(msg, msglen, "cannot require TLS 1.2: %s", why);
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION | options);
+    return ctx;
+}
+
 int am_tls_ctx_new(const char *ca_file, bool insecure, struct am_tls_ctx **out, char *msg,
                    size_t msglen)
 {
@@ -71,20 +94,7 @@ int am_tls_ctx_new(const char *ca_file, bool insecure, struct am_tls_ctx **out, 
     struct am_tls_ctx *c = calloc(1, sizeof *c);
     if (!c) return AM_ENOMEM;
     c->insecure = insecure;
-    ERR_clear_error();
-    c->ctx = SSL_CTX_new(TLS_client_method());
-    if (!c->ctx) {
-        openssl_reason(why, sizeof why);
-        set_msg(msg, msglen, "cannot create a TLS context: %s", why);
-        goto fail;
-    }
-    /* TLS 1.0/1.1 are deprecated (RFC 8996). */
-    if (SSL_CTX_set_min_proto_version(c->ctx, TLS1_2_VERSION) != 1) {
-        openssl_reason(why, sizeof why);
-        set_msg(msg, msglen, "cannot require TLS 1.2: %s", why);
-        goto fail;
-    }
-    SSL_CTX_set_options(c->ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
+    if (!(c->ctx = base_ctx(TLS_client_method(), 0, msg, msglen))) goto fail;
     /* SSL_CTX_set_alpn_protos returns 0 on success, unlike the rest of the API. */
     if (SSL_CTX_set_alpn_protos(c->ctx, alpn_http11, sizeof alpn_http11 - 1) != 0) {
         openssl_reason(why, sizeof why);
@@ -121,11 +131,91 @@ void am_tls_ctx_free(struct am_tls_ctx *ctx)
     free(ctx);
 }
 
-int am_tls_new(struct am_tls_ctx *ctx, const char *host, struct am_tls **out, char *msg,
-               size_t msglen)
+/* ALPN on the server: http/1.1 if offered; otherwise carry on without ALPN (RFC 7301
+ * §3.2 allows a fatal alert, but a client offering only h2 can still speak HTTP/1.1). */
+static int select_alpn(SSL *ssl, const unsigned char **out, unsigned char *outlen,
+                       const unsigned char *in, unsigned int inlen, void *arg)
 {
-    unsigned char ipbuf[16];
-    bool is_ip = inet_pton(AF_INET, host, ipbuf) == 1 || inet_pton(AF_INET6, host, ipbuf) == 1;
+    (void)ssl;
+    (void)arg;
+    unsigned char *sel = NULL;
+    if (SSL_select_next_proto(&sel, outlen, alpn_http11, sizeof alpn_http11 - 1, in, inlen) ==
+        OPENSSL_NPN_NEGOTIATED) {
+        *out = sel;
+        return SSL_TLSEXT_ERR_OK;
+    }
+    return SSL_TLSEXT_ERR_NOACK;
+}
+
+int am_tls_server_ctx_new(const char *cert_file, const char *key_file, struct am_tls_ctx **out,
+                          char *msg, size_t msglen)
+{
+    char why[256];
+    int rc = AM_EUPSTREAM_TLS;
+    struct am_tls_ctx *c = calloc(1, sizeof *c);
+    if (!c) return AM_ENOMEM;
+    c->server = true;
+    if (!(c->ctx = base_ctx(TLS_server_method(), SSL_OP_CIPHER_SERVER_PREFERENCE, msg, msglen)))
+        goto fail;
+    SSL_CTX_set_mode(c->ctx, SSL_MODE_RELEASE_BUFFERS);
+    SSL_CTX_set_verify(c->ctx, SSL_VERIFY_NONE, NULL);
+    SSL_CTX_set_alpn_select_cb(c->ctx, select_alpn, NULL);
+    rc = AM_EINVAL;
+    if (SSL_CTX_use_certificate_chain_file(c->ctx, cert_file) != 1) {
+        openssl_reason(why, sizeof why);
+        set_msg(msg, msglen, "certificate file %s: %s", cert_file, why);
+        goto fail;
+    }
+    if (SSL_CTX_use_PrivateKey_file(c->ctx, key_file, SSL_FILETYPE_PEM) != 1) {
+        bool mismatch = ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH;
+        openssl_reason(why, sizeof why);
+        if (mismatch)
+            set_msg(msg, msglen, "key file %s does not match certificate file %s", key_file,
+                    cert_file);
+        else
+            set_msg(msg, msglen, "key file %s: %s", key_file, why);
+        goto fail;
+    }
+    if (SSL_CTX_check_private_key(c->ctx) != 1) {
+        openssl_reason(why, sizeof why);
+        set_msg(msg, msglen, "key file %s does not match certificate file %s: %s", key_file,
+                cert_file, why);
+        goto fail;
+    }
+    *out = c;
+    return 0;
+
+fail:
+    am_tls_ctx_free(c);
+    return rc;
+}
+
+void am_tls_ctx_describe(const struct am_tls_ctx *ctx, char *buf, size_t len)
+{
+    X509 *x = ctx && ctx->ctx ? SSL_CTX_get0_certificate(ctx->ctx) : NULL;
+    if (!len) return;
+    snprintf(buf, len, "no certificate");
+    if (!x) return;
+    char subj[256] = "?", serial[80] = "?", until[64] = "?";
+    X509_NAME_oneline(X509_get_subject_name(x), subj, sizeof subj);
+    BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(x), NULL);
+    char *hex = bn ? BN_bn2hex(bn) : NULL;
+    if (hex) snprintf(serial, sizeof serial, "%s", hex);
+    OPENSSL_free(hex);
+    BN_free(bn);
+    BIO *m = BIO_new(BIO_s_mem());
+    if (m && ASN1_TIME_print(m, X509_get0_notAfter(x)) == 1) {
+        int n = BIO_read(m, until, (int)sizeof until - 1);
+        until[n > 0 ? n : 0] = '\0';
+    }
+    BIO_free(m);
+    ERR_clear_error();
+    snprintf(buf, len, "%s serial %s expires %s", subj, serial, until);
+}
+
+/* The session object both kinds share: SSL plus the two memory BIOs. */
+static int session_new(struct am_tls_ctx *ctx, struct am_tls **out)
+{
     struct am_tls *t = calloc(1, sizeof *t);
     if (!t) return AM_ENOMEM;
     ERR_clear_error();
@@ -141,6 +231,45 @@ int am_tls_new(struct am_tls_ctx *ctx, const char *host, struct am_tls **out, ch
     /* Empty means "no input yet", not end of stream. */
     BIO_set_mem_eof_return(t->rbio, -1);
     SSL_set_bio(t->ssl, t->rbio, t->wbio);
+    *out = t;
+    return 0;
+
+nomem:
+    ERR_clear_error();
+    am_tls_free(t);
+    return AM_ENOMEM;
+}
+
+int am_tls_accept(struct am_tls_ctx *ctx, struct am_tls **out)
+{
+    struct am_tls *t;
+    int rc = session_new(ctx, &t);
+    if (rc) return rc;
+    SSL_set_accept_state(t->ssl);
+    *out = t;
+    return 0;
+}
+
+bool am_tls_has_input(const struct am_tls *t)
+{
+    return SSL_pending(t->ssl) > 0 || BIO_ctrl_pending(t->rbio) > 0;
+}
+
+void am_tls_close_notify(struct am_tls *t)
+{
+    ERR_clear_error();
+    if (SSL_is_init_finished(t->ssl)) SSL_shutdown(t->ssl); /* 0: sent, not yet answered */
+    ERR_clear_error();
+}
+
+int am_tls_new(struct am_tls_ctx *ctx, const char *host, struct am_tls **out, char *msg,
+               size_t msglen)
+{
+    unsigned char ipbuf[16];
+    bool is_ip = inet_pton(AF_INET, host, ipbuf) == 1 || inet_pton(AF_INET6, host, ipbuf) == 1;
+    struct am_tls *t;
+    int rc = session_new(ctx, &t);
+    if (rc) return rc;
     SSL_set_connect_state(t->ssl);
 
     /* SNI carries DNS names only (RFC 6066 §3). */
@@ -160,10 +289,6 @@ int am_tls_new(struct am_tls_ctx *ctx, const char *host, struct am_tls **out, ch
     *out = t;
     return 0;
 
-nomem:
-    ERR_clear_error();
-    am_tls_free(t);
-    return AM_ENOMEM;
 inval:
     ERR_clear_error();
     am_tls_free(t);

@@ -153,7 +153,12 @@ int am_tokenauth_parse(const char *json, size_t len, int64_t now_unix, char **to
     int rc = AM_EUPSTREAM_PROTOCOL;
     json_t *root = json_loadb(json, len, 0, &jerr);
     if (!root) {
-        snprintf(msg, msglen, "token response is not JSON: %s", jerr.text);
+        /* jansson appends " near '<lexeme>'" (up to 20 bytes of the input), which here
+         * can be the token or the start of it: keep only the reason before it. */
+        char *near = strstr(jerr.text, " near '");
+        if (near) *near = '\0';
+        snprintf(msg, msglen, "token response is not JSON: %s at byte %d", jerr.text,
+                 jerr.position);
         return AM_EUPSTREAM_PROTOCOL;
     }
     if (!json_is_object(root)) {

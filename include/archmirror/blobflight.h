@@ -62,11 +62,13 @@ int am_blobflights_fetch_small(struct am_blobflights *bf, struct am_upstream *up
 void am_blobflights_cancel_small(struct am_blobflights *bf, void *handle);
 
 struct am_blobflight_stats {
-    uint64_t flights; /* upstream fetches started */
-    uint64_t joined;  /* clients that joined a fetch in progress */
-    uint64_t hits;    /* clients served from the store */
-    uint64_t failed;  /* fetches that failed (upstream, digest, store) */
-    uint64_t active;  /* fetches running now */
+    uint64_t flights;        /* upstream fetches started */
+    uint64_t joined;         /* clients that joined a fetch in progress */
+    uint64_t hits;           /* clients served from the store */
+    uint64_t failed;         /* fetches that failed (upstream, digest, store) */
+    uint64_t active;         /* fetches running now */
+    uint64_t sendfile_bytes; /* body bytes sent zero-copy from the page cache */
+    uint64_t copied_bytes;   /* body bytes read from a file into memory, then written */
 };
 void am_blobflights_get_stats(const struct am_blobflights *bf, struct am_blobflight_stats *out);
 

@@ -48,6 +48,9 @@ struct am_config {
     uint64_t header_timeout_ms;
     uint64_t idle_timeout_ms;
     uint64_t drain_timeout_ms;
+    bool sendfile;       /* zero-copy blob bodies on plain TCP */
+    char *tls_cert_file; /* owned or NULL: the registry listeners speak plain HTTP */
+    char *tls_key_file;  /* owned; set exactly when tls_cert_file is */
 
     /* upstream client */
     uint64_t upstream_connect_timeout_ms;
@@ -61,20 +64,24 @@ struct am_config {
     uint64_t tag_freshness_ms;
     uint64_t max_manifest_bytes;
     uint64_t metastore_map_bytes;
-    uint64_t blob_max_bytes; /* blob store budget */
-    uint64_t blob_high_pct;  /* eviction starts above this % of blob_max_bytes */
-    uint64_t blob_low_pct;   /* ... and frees down to this % */
+    uint64_t manifest_max_bytes; /* manifest cache budget; 0: metastore_map_bytes / 2 */
+    uint64_t blob_max_bytes;     /* blob store budget */
+    uint64_t blob_high_pct;      /* eviction starts above this % of blob_max_bytes */
+    uint64_t blob_low_pct;       /* ... and frees down to this % */
     uint64_t blobstore_map_bytes;
 
     /* admin side */
-    char *admin_listen;     /* owned or NULL: served on the registry listeners */
-    char *admin_token_file; /* owned or NULL: no token required */
+    char *admin_listen;        /* owned or NULL: served on the registry listeners */
+    char *admin_token_file;    /* owned or NULL: no token required */
+    char *admin_tls_cert_file; /* owned or NULL: the admin listener speaks plain HTTP */
+    char *admin_tls_key_file;
 
     /* pull log */
     bool pulllog_enabled;
     char *pulllog_dir; /* owned or NULL: <data_dir>/pulls */
     uint64_t pulllog_rotate_bytes;
     uint64_t pulllog_keep_files;
+    uint64_t pulllog_dedupe_ms; /* a repeat completion within this is not recorded */
 
     /* Bookkeeping of the command-line overrides, not settings: set once the first
      * am_config_set_listen / am_config_set_upstream has dropped the earlier list. */

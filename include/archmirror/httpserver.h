@@ -9,6 +9,9 @@
  * response (am_http_respond / am_http_end / am_http_abort) or until on_gone returns.
  * This module knows nothing about registries and must never block the loop.
  *
+ * Optionally TLS (am_httpserver_set_tls), with the session as a byte transformer between
+ * the socket and the parser; and zero-copy bodies (am_http_sendfile) on plain TCP.
+ *
  * The process must ignore SIGPIPE (main.c does): libuv writes with write(2).
  */
 #ifndef ARCHMIRROR_HTTPSERVER_H
@@ -62,6 +65,9 @@ struct am_httpserver_opts {
      * handler's. req is a view valid during the call. */
     void (*on_complete)(void *ctx, const struct am_http_request *req, int status,
                         uint64_t body_bytes, bool completed, uint64_t duration_ns);
+    /* true: am_http_can_sendfile always says no, so every body is copied (to compare
+     * zero-copy with read+write in bench/, and as an escape hatch). */
+    bool no_sendfile;
 };
 
 /* Returns 0 with *out owned (am_httpserver_free after drain completed) or AM_ENOMEM.
@@ -71,6 +77,13 @@ int am_httpserver_new(uv_loop_t *loop, const struct am_httpserver_opts *opts,
 /* Binds and listens on "host:port" / "[v6]:port" (port 0 = ephemeral). Returns 0, or
  * AM_EINVAL (unparseable), AM_EIO with msg "address already in use …" etc. */
 int am_httpserver_listen(struct am_httpserver *srv, const char *hostport, char *msg, size_t msglen);
+/* Speaks TLS on every listener of srv for connections accepted from now on: takes ctx (a
+ * server context from am_tls_server_ctx_new), freeing the one it replaces; NULL: plain
+ * HTTP again. Connections already open keep the context they started with (a certificate
+ * reload never breaks them). The handshake must finish within header_timeout_ms. On TLS
+ * connections bodies are always copied (am_http_can_sendfile says no). */
+struct am_tls_ctx;
+void am_httpserver_set_tls(struct am_httpserver *srv, struct am_tls_ctx *ctx);
 /* The port actually bound by the i-th successful listen (for port 0). */
 int am_httpserver_port(const struct am_httpserver *srv, size_t i);
 /* Stops accepting, closes idle connections, lets active exchanges finish for
@@ -125,6 +138,21 @@ int am_http_write(struct am_http_exchange *ex, const void *data, size_t len);
 /* Bytes written by the handler but not yet accepted by the kernel. */
 size_t am_http_queued(const struct am_http_exchange *ex);
 int am_http_end(struct am_http_exchange *ex);
+
+/* Zero-copy bodies. Whether am_http_sendfile may be called now: a started response with a
+ * body, on a plain-TCP connection, with nothing queued (its bytes must follow the queued
+ * ones), sendfile not disabled. */
+bool am_http_can_sendfile(const struct am_http_exchange *ex);
+/* Sends up to len body bytes of the regular file fd (borrowed; it must stay open until
+ * the call returns) from off, straight from the page cache with sendfile(2), without
+ * blocking on the socket: the caller must know the range is resident (pagecache.h), or
+ * the loop would wait for the disk. Returns 0 with *sent (possibly 0: the socket is full);
+ * on_drain follows when the socket can take more, so the caller continues from there
+ * (one call per wakeup keeps a fast client from starving the others). AM_EINVAL when
+ * am_http_can_sendfile is false or len exceeds the rest of the body, AM_ENOMEM (nothing
+ * sent: use am_http_write), AM_ECANCELED (connection gone), AM_EIO (send failed: the
+ * connection is closed and on_gone follows). */
+int am_http_sendfile(struct am_http_exchange *ex, int fd, uint64_t off, size_t len, size_t *sent);
 /* Ends the exchange by closing the connection (used when a body cannot be completed:
  * a client must never see a short response that looks whole). */
 void am_http_abort(struct am_http_exchange *ex);

@@ -38,6 +38,10 @@ void am_metrics_count_cache(bool blob, bool hit);
 void am_metrics_count_upstream(const char *upstream, bool error, uint64_t duration_ns);
 void am_metrics_count_pull(const char *platform);
 void am_metrics_count_mismatch(const char *image, const char *platform);
+/* The manifest cache (metastore): n manifests evicted, by the budget (least recently used)
+ * or, map_full, because the LMDB map filled; and its size now (max_bytes 0: unbounded). */
+void am_metrics_count_manifest_evictions(bool map_full, uint64_t n);
+void am_metrics_set_manifest_cache(uint64_t bytes, uint64_t manifests, uint64_t max_bytes);
 
 /* Appends extra gauge lines (store sizes…) at render time; arg is kept. Returns 0 or an
  * AM_E* from the buffer. */

@@ -7,7 +7,10 @@
  * multi-arch image completes at the child manifest; its platform is the node's
  * X-Node-Platform header when hosts.toml sends one, else the platform of that child in
  * the index (inferred). A single-arch image completes when its manifest body is fetched;
- * its platform is the header's, else its config's. This module keeps a bounded, expiring
+ * its platform is the header's, else its config's. An index of indexes is one pull: the
+ * child index fetched by digest continues the top index's pull (tag kept), and the leaf
+ * completes it. A node completing the same pull again within pull_log.dedupe_window is
+ * not recorded twice. This module keeps a bounded, expiring
  * table of what each node resolved last per repository; it does no I/O of its own.
  */
 #ifndef ARCHMIRROR_PULLTRACK_H
@@ -25,6 +28,8 @@
 
 #define AM_PULLTRACK_NODES  4096      /* (node, repository) pairs remembered */
 #define AM_PULLTRACK_TTL_MS (600000u) /* a resolution older than this is forgotten */
+#define AM_PULLTRACK_NESTED 4         /* child indexes of one pull followed (nesting) */
+#define AM_PULLTRACK_RECENT 4096      /* completions remembered for pull_log.dedupe_window */
 
 struct am_pulltrack;
 

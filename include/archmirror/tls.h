@@ -1,5 +1,6 @@
 /*
- * tls — client TLS (OpenSSL) as a pure byte transformer, so it runs on any libuv stream.
+ * tls — TLS (OpenSSL) as a pure byte transformer, so it runs on any libuv stream: client
+ * sessions to upstreams, server sessions on archmirror's own listeners.
  *
  * A session never touches a socket: ciphertext read from the peer goes in with
  * am_tls_feed, plaintext comes out of am_tls_read; plaintext to send goes in with
@@ -12,7 +13,16 @@
  * (RFC 6125 via X509_VERIFY_PARAM, no partial wildcards) or the IP address. The
  * `insecure` context skips verification, an explicit opt-out. Verification failures are
  * reported with OpenSSL's reason ("certificate verify failed: self-signed certificate in
- * certificate chain"). This module never logs and never blocks; it holds no secrets.
+ * certificate chain").
+ *
+ * A server context holds one certificate chain and its private key (read from PEM files
+ * when it is made; a reload is a new context), TLS 1.2 or later, ALPN "http/1.1" when the
+ * client offers it, no renegotiation, no client certificates. Its sessions release their
+ * record buffers while idle, so thousands of idle keep-alive connections stay small.
+ *
+ * This module never logs and never blocks (server contexts read their files when made,
+ * at start-up or on SIGHUP, before any session uses them). The only secret it holds is a
+ * server context's private key, inside OpenSSL; it never copies it out.
  */
 #ifndef ARCHMIRROR_TLS_H
 #define ARCHMIRROR_TLS_H
@@ -33,6 +43,28 @@ int am_tls_ctx_new(const char *ca_file, bool insecure, struct am_tls_ctx **out, 
                    size_t msglen);
 /* Accepts NULL. Sessions hold a reference, so they may outlive the context. */
 void am_tls_ctx_free(struct am_tls_ctx *ctx);
+
+/* A server context from cert_file (PEM: the leaf certificate first, then intermediates)
+ * and key_file (PEM private key matching it), both borrowed. Returns 0 with *out owned
+ * (am_tls_ctx_free), AM_EINVAL with msg (a file unreadable, not PEM, or a key that does
+ * not match the certificate; msg names the file and OpenSSL's reason, never key bytes),
+ * AM_EUPSTREAM_TLS with msg (OpenSSL setup failure) or AM_ENOMEM. */
+int am_tls_server_ctx_new(const char *cert_file, const char *key_file, struct am_tls_ctx **out,
+                          char *msg, size_t msglen);
+/* One line about a server context's certificate for logs: subject, serial and notAfter,
+ * e.g. "CN=mirror.internal serial 1F expires Dec  1 00:00:00 2027 GMT". */
+void am_tls_ctx_describe(const struct am_tls_ctx *ctx, char *buf, size_t len);
+
+/* Starts a server session on a server context (the session keeps its own reference to
+ * it). Returns 0 with *out owned (am_tls_free) or AM_ENOMEM. Its am_tls_handshake
+ * waits for the ClientHello; its errors come back as AM_EUPSTREAM_TLS too (any TLS
+ * failure, whichever side). */
+int am_tls_accept(struct am_tls_ctx *ctx, struct am_tls **out);
+/* Whether a session holds input it has not returned yet: decrypted bytes or ciphertext
+ * fed but not yet decrypted (a pipelined request may wait there with the socket quiet). */
+bool am_tls_has_input(const struct am_tls *t);
+/* Queues a close_notify alert (take it with am_tls_take) before a clean close. */
+void am_tls_close_notify(struct am_tls *t);
 
 /* Starts a client session for host (borrowed; a DNS name or an IPv4/IPv6 literal without
  * brackets). Returns 0 with *out owned (am_tls_free), AM_EINVAL (host unusable for

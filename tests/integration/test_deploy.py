@@ -29,8 +29,24 @@ With processes:
     containerd 1.6: `ctr images pull --hosts-dir` through archmirror, every request
     arriving with the node's X-Node-Platform; fallback reaches the registry itself when
     archmirror is down, mirror-only does not.
+deploy/bench/ (the c7g-vs-c7i kit; nothing here needs a cluster or AWS):
+  - its YAML parses; Jobs, mirror overlays and the Terraform NodePools select the same
+    arch / instance type / pool label and the same taint; the Jobs, mirrors, relays and
+    upstream point at each other's Service names and ports; every script the Jobs run is
+    in the bench image and survives its dockerignore; the scripts compile and answer
+    --help; run.sh passes bash -n (and shellcheck when installed); bench/run still has
+    what the kit imports from it;
+  - Terraform without terraform: delimiters balanced, every var./local. reference
+    declared and every variable used (deploy/terraform too); with a terraform binary,
+    `fmt -check`, then `validate` and `plan` of a copy where kubectl_manifest is
+    terraform_data (no provider download), reading the NodePools back from the plan;
+  - the rendered bench (kubectl kustomize): one namespace, no fixed ClusterIP, no
+    PriorityClass, one emptyDir-cached mirror per node type, each Service selecting only
+    its own mirror, the NetworkPolicy's DNS peer untouched;
+  - compare.py on two sample results (one a log with the markers): the ratios it prints;
+  - deploy/bench/rehearse.py end to end on loopback when bench/loadgen is built.
 Debian packages: python3-yaml (+ containerd, docker-registry as for the other tests);
-optional: prometheus (promtool), a kubectl with kustomize v4+.
+optional: prometheus (promtool), a kubectl with kustomize v4+, terraform, shellcheck.
 """
 import email
 import json
@@ -74,11 +90,22 @@ WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet"}
 # What each image serves (the only paths a probe may use).
 ARCHMIRROR_PROBE_PATHS = {"/healthz", "/readyz"}
 ENVOY_PROBE_PATHS = {"/healthz"}       # envoy.yaml's health_check filter
+DISTRIBUTION_PROBE_PATHS = {"/v2/"}    # docker-registry, the bench's upstream
+# deploy/bench/: the c7g-vs-c7i kit (deploy/bench/README.md).
+BENCH = os.path.join(DEPLOY, "bench")
+BENCH_K8S = os.path.join(BENCH, "kubernetes")
+BENCH_JOBS = os.path.join(BENCH_K8S, "jobs")
+BENCH_TF = os.path.join(BENCH, "terraform")
+BENCH_NODES = {"c7g": "arm64", "c7i": "amd64"}     # node type -> kubernetes.io/arch
+BENCH_KUSTOMIZE_DIRS = [BENCH_K8S, BENCH_JOBS, os.path.join(BENCH_K8S, "images"),
+                        os.path.join(BENCH_K8S, "mirror", "component")] + [
+    os.path.join(BENCH_K8S, "mirror", n) for n in BENCH_NODES]
 KUSTOMIZE_DIRS = [BASE] + sorted(
     os.path.join(OVERLAYS, d) for d in os.listdir(OVERLAYS)
     if os.path.isfile(os.path.join(OVERLAYS, d, "kustomization.yaml"))) + [
     os.path.join(DEPLOY, "monitoring", "cluster"),
-    os.path.join(DEPLOY, "monitoring", "with-metrics")]
+    os.path.join(DEPLOY, "monitoring", "with-metrics"),
+    BENCH_K8S, BENCH_JOBS]
 
 
 def need_yaml():
@@ -188,6 +215,19 @@ def port_declared(port, pods_containers):
 
 def is_envoy(container):
     return "envoy" in container.get("image", "")
+
+
+def is_distribution(container):
+    """distribution's image (registry:TAG, docker.io/library/registry:TAG, a copy)."""
+    return container.get("image", "").rsplit("/", 1)[-1].split(":")[0] == "registry"
+
+
+def probe_paths(container):
+    if is_envoy(container):
+        return ENVOY_PROBE_PATHS
+    if is_distribution(container):
+        return DISTRIBUTION_PROBE_PATHS
+    return ARCHMIRROR_PROBE_PATHS
 
 
 def read_env_file(path):
@@ -369,7 +409,7 @@ class ManifestTest(unittest.TestCase):
                                         "probe port %r is not declared by the container "
                                         "(ports: %s %s)" % (port, names, numbers))
                         if "httpGet" in pr:
-                            allowed = ENVOY_PROBE_PATHS if is_envoy(c) else ARCHMIRROR_PROBE_PATHS
+                            allowed = probe_paths(c)
                             self.assertIn(h["path"], allowed,
                                           "probe path not served by %s" % c["image"])
                             if is_envoy(c):
@@ -1017,6 +1057,789 @@ class NodeSetupContainerdTest(testbase.IntegrationCase):
         pr = self.pull(d, "linux/arm64")
         self.assertTrue(pr.ok, "%r" % pr)
         self.assertEqual(self.tap.requests(), [], "a DIRECT registry went through the mirror")
+
+
+# ---------------------------------------------------------------------------------------
+# deploy/bench/: the c7g-vs-c7i kit. Offline only: no cluster, no terraform providers,
+# no Docker engine.
+
+def hcl_scan(text):
+    """(code, problems) of HCL text: comments removed, the literal parts of strings
+    blanked (their ${...} interpolations kept), delimiters checked for balance."""
+    out, problems, stack = [], [], []
+    modes = ["code"]       # "code" | "str" | "interp"
+    depth = [0]            # brace depth inside each interpolation
+    i, n, line = 0, len(text), 1
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            line += 1
+        mode = modes[-1]
+        if mode == "str":
+            if c == "\\" and i + 1 < n:
+                out.append("  ")
+                i += 2
+                continue
+            if text.startswith("$${", i) or text.startswith("%%{", i):
+                out.append("   ")        # an escaped, literal "${" / "%{"
+                i += 3
+                continue
+            if text.startswith("${", i) or text.startswith("%{", i):
+                modes.append("interp")
+                depth.append(0)
+                out.append("${")
+                i += 2
+                continue
+            if c == '"':
+                modes.pop()
+                out.append('"')
+            elif c == "\n":
+                problems.append("line %d: newline inside a string" % line)
+                out.append(c)
+            else:
+                out.append(" ")
+            i += 1
+            continue
+        # code or interpolation
+        if c == "#" or text.startswith("//", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        if text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            if j < 0:
+                problems.append("line %d: unterminated /* comment" % line)
+                break
+            line += text.count("\n", i, j)
+            i = j + 2
+            continue
+        if c == '"':
+            modes.append("str")
+            out.append(c)
+            i += 1
+            continue
+        if mode == "interp" and c == "}" and depth[-1] == 0:
+            modes.pop()
+            depth.pop()
+            out.append(c)
+            i += 1
+            continue
+        if c in "([{":
+            stack.append((c, line))
+            if mode == "interp" and c == "{":
+                depth[-1] += 1
+        elif c in ")]}":
+            want = {")": "(", "]": "[", "}": "{"}[c]
+            if not stack or stack[-1][0] != want:
+                problems.append("line %d: unmatched %r" % (line, c))
+            else:
+                stack.pop()
+            if mode == "interp" and c == "}":
+                depth[-1] -= 1
+        out.append(c)
+        i += 1
+    for c, ln in stack:
+        problems.append("line %d: %r never closed" % (ln, c))
+    if len(modes) > 1:
+        problems.append("unterminated string or interpolation")
+    return "".join(out), problems
+
+
+def hcl_module(directory):
+    """{file: text} of a module's .tf files."""
+    return {f: read(os.path.join(directory, f)) for f in sorted(os.listdir(directory))
+            if f.endswith(".tf")}
+
+
+def hcl_locals(code):
+    names = set()
+    for m in re.finditer(r"(?m)^locals\s*\{\n(.*?)^\}", code, re.S):
+        names |= set(re.findall(r"(?m)^  ([A-Za-z_][A-Za-z0-9_]*)\s*=", m.group(1)))
+    return names
+
+
+def check_hcl_module(tc, directory):
+    """Structural checks of a Terraform module without terraform: balanced delimiters,
+    every var./local. reference declared, every variable used, tfvars keys declared."""
+    code = ""
+    for f, text in hcl_module(directory).items():
+        c, problems = hcl_scan(text)
+        tc.assertEqual(problems, [], "%s: %s" % (rel(os.path.join(directory, f)), problems))
+        code += c + "\n"
+    raw = "\n".join(hcl_module(directory).values())
+    declared = set(re.findall(r'(?m)^variable\s+"([A-Za-z_][A-Za-z0-9_]*)"', raw))
+    used = set(re.findall(r"\bvar\.([A-Za-z_][A-Za-z0-9_]*)", code))
+    tc.assertTrue(declared, "no variables in %s" % rel(directory))
+    tc.assertEqual(used - declared, set(), "%s: var.* not declared" % rel(directory))
+    tc.assertEqual(declared - used, set(), "%s: variables never used" % rel(directory))
+    loc = hcl_locals(raw)
+    used_l = set(re.findall(r"\blocal\.([A-Za-z_][A-Za-z0-9_]*)", code))
+    tc.assertEqual(used_l - loc, set(), "%s: local.* not defined" % rel(directory))
+    for m in re.finditer(r'(?m)^variable\s+"(\w+)"\s*\{(.*?)^\}', raw, re.S):
+        tc.assertRegex(m.group(2), r'description\s*=\s*"', "variable %s: no description" % m.group(1))
+        tc.assertRegex(m.group(2), r"type\s*=", "variable %s: no type" % m.group(1))
+    tc.assertEqual(len(re.findall(r'(?<!\$)\$\{[A-Z_]+\}', code)), 0,
+                   'a literal "${UPPER}" in HCL must be written "$${UPPER}"')
+    ex = os.path.join(directory, "terraform.tfvars.example")
+    if os.path.isfile(ex):
+        keys = set(re.findall(r"(?m)^#?\s*([a-z_][a-z0-9_]*)\s*=", read(ex)))
+        tc.assertTrue(keys)
+        tc.assertEqual(keys - declared, set(), "terraform.tfvars.example: unknown variables")
+    return raw, declared
+
+
+def hcl_default(raw, name):
+    m = re.search(r'(?ms)^variable\s+"%s"\s*\{.*?default\s*=\s*("?)([^"\n]*)\1\s*$' % name, raw)
+    return m.group(2) if m else None
+
+
+def bench_job(node):
+    return load_all(os.path.join(BENCH_JOBS, "bench-%s.yaml" % node))[0]
+
+
+def job_args(job):
+    args = containers(job)[0]["args"]
+    return {args[i]: args[i + 1] for i in range(0, len(args) - 1)
+            if args[i].startswith("--") and not args[i + 1].startswith("--")}
+
+
+def mirror_node_selector(node):
+    k = load_all(os.path.join(BENCH_K8S, "mirror", node, "kustomization.yaml"))[0]
+    for p in k["patches"]:
+        for op in yaml.safe_load(p["patch"]):
+            if op["path"] == "/spec/template/spec/nodeSelector":
+                return op["value"]
+    raise AssertionError("mirror/%s sets no nodeSelector" % node)
+
+
+def relay_listens(node):
+    d = next(x for x in load_all(os.path.join(BENCH_K8S, "relays.yaml"))
+             if x["kind"] == "Deployment" and x["metadata"]["name"] == "relay-" + node)
+    args = containers(d)[0]["args"]
+    out = {}
+    for i, a in enumerate(args):
+        if a == "--listen":
+            name, port = args[i + 1].split("=")
+            out[name] = int(port)
+        elif a == "--control":
+            out["control"] = int(args[i + 1])
+        elif a == "--upstream":
+            out["upstream_addr"] = args[i + 1]
+    return d, out
+
+
+def hostport(url):
+    u = urllib.parse.urlsplit(url)
+    return u.hostname, u.port
+
+
+def import_bench(name):
+    """A deploy/bench/ module, imported without writing __pycache__ into the checkout."""
+    import importlib
+    keep = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    sys.path.insert(0, BENCH)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(BENCH)
+        sys.dont_write_bytecode = keep
+
+
+def bench_loadgen():
+    p = os.environ.get("AM_LOADGEN") or os.path.join(
+        os.environ.get("AM_BUILD_DIR") or os.path.join(SRC, "build", "dev"), "bench", "loadgen")
+    return p if os.access(p, os.X_OK) else None
+
+
+def sample_bench_doc(node, pull_p50s, get_rps, blob_mbs, upstream_p50s, cpu_usec=None):
+    """A small result document in eksbench.py's (= bench/run's) shape."""
+    results = []
+    for r, (a, b, c, d) in enumerate(zip(pull_p50s, get_rps, blob_mbs, upstream_p50s), 1):
+        for target, p50 in (("archmirror", a), ("upstream", d)):
+            results.append({
+                "scenario": "cold-single", "round": r, "target": target, "kind": "pull",
+                "loadgen": {"mode": "pull", "errors": 0, "image_bytes": 1000,
+                            "pull_latency_s": {"p50": p50, "p90": p50, "p99": p50 * 1.5,
+                                               "max": p50 * 2}},
+                "upstream": {"requests": 7, "down_body_bytes": 1000,
+                             "requests_by_kind": {"GET blob": 4}}})
+        results.append({
+            "scenario": "manifest-get-c16", "round": r, "target": "archmirror", "kind": "simple",
+            "loadgen": {"mode": "get", "errors": 0, "req_per_s": b, "bytes_per_s": b * 1000.0,
+                        "requests": int(b), "request_latency_s": {"p50": 0.0002, "p99": 0.004}},
+            "upstream": {"requests": 0, "down_body_bytes": 0, "requests_by_kind": {}}})
+        results.append({
+            "scenario": "blob-1m", "round": r, "target": "archmirror", "kind": "simple",
+            "loadgen": {"mode": "get", "errors": 0, "req_per_s": c, "bytes_per_s": c * 1e6,
+                        "requests": int(c), "request_latency_s": {"p50": 0.001, "p99": 0.008}},
+            "upstream": None})
+    meta = {"node_type": node, "instance_type": node + ".xlarge", "relay": True,
+            "rtt_ms": 20, "mbps": 1000,
+            "cpu": {"sha256_extensions": ["sha2"] if node == "c7g" else ["sha_ni"]},
+            "openssl_speed": {"sha256": {"bytes_per_s": 1.6e9}}}
+    if cpu_usec:
+        meta["mirror_cpu"] = {"before_usec": 0, "after_usec": cpu_usec}
+    return {"meta": meta, "summary": {}, "results": results, "failures": []}
+
+
+def md_row(md, *cells, ncells=None):
+    """The Markdown table row starting with these cells (and of ncells cells), split."""
+    for line in md.splitlines():
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if parts[:len(cells)] == list(cells) and ncells in (None, len(parts)):
+            return parts
+    raise AssertionError("no row %s in:\n%s" % (cells, md))
+
+
+class BenchKitTest(unittest.TestCase):
+    """deploy/bench/: manifests, Terraform, scripts, image recipe, compare.py."""
+
+    maxDiff = None
+
+    @classmethod
+    def setUpClass(cls):
+        need_yaml()
+
+    def test_every_bench_yaml_parses(self):
+        files = [p for p in yaml_files() if p.startswith(BENCH + os.sep)]
+        self.assertGreaterEqual(len(files), 12, "deploy/bench lost its manifests?")
+        for p in files:
+            with self.subTest(file=rel(p)):
+                docs = load_all(p)
+                self.assertTrue(docs)
+                for d in docs:
+                    self.assertIsInstance(d, dict)
+                    self.assertTrue(d.get("apiVersion") and d.get("kind"))
+
+    def test_bench_kustomizations_name_existing_files(self):
+        for kdir in BENCH_KUSTOMIZE_DIRS:
+            k = load_all(os.path.join(kdir, "kustomization.yaml"))[0]
+            with self.subTest(kustomization=rel(kdir)):
+                for r in (k.get("resources") or []) + (k.get("components") or []):
+                    path = os.path.normpath(os.path.join(kdir, r))
+                    self.assertTrue(os.path.isfile(path) or os.path.isfile(
+                        os.path.join(path, "kustomization.yaml")), "missing %s" % r)
+                for g in k.get("configMapGenerator") or []:
+                    for f in g.get("files") or []:
+                        self.assertTrue(os.path.isfile(os.path.join(kdir, f.split("=")[-1])))
+                for c in k.get("components") or []:
+                    ck = load_all(os.path.join(kdir, c, "kustomization.yaml"))[0]
+                    self.assertEqual(ck["kind"], "Component")
+        # the mirrors are overlays of the product's base, not copies of it
+        for n in BENCH_NODES:
+            k = load_all(os.path.join(BENCH_K8S, "mirror", n, "kustomization.yaml"))[0]
+            self.assertIn("../../../../kubernetes/base", k["resources"])
+            self.assertEqual(os.path.normpath(os.path.join(BENCH_K8S, "mirror", n,
+                                                           k["resources"][0])), BASE)
+            self.assertEqual(k["nameSuffix"], "-" + n)
+
+    def test_terraform_module(self):
+        raw, declared = check_hcl_module(self, BENCH_TF)
+        for v in ("cluster_name", "node_class_name", "node_count", "c7g_instance_type",
+                  "c7i_instance_type", "zone"):
+            self.assertIn(v, declared)
+        c7g, c7i = hcl_default(raw, "c7g_instance_type"), hcl_default(raw, "c7i_instance_type")
+        self.assertEqual((c7g, c7i), ("c7g.xlarge", "c7i.xlarge"))
+        self.assertEqual(c7g.split(".")[1], c7i.split(".")[1], "the pair must be equal size")
+        self.assertEqual(hcl_default(raw, "node_class_name"),
+                         load_all(os.path.join(KARPENTER, "ec2nodeclass-al2023.yaml"))[0]
+                         ["metadata"]["name"], "default node class = deploy/karpenter's")
+        self.assertRegex(raw, r'source\s*=\s*"gavinbunney/kubectl"', "the deploy/terraform style")
+        self.assertRegex(raw, r'(?s)c7g = \{\s*arch\s*=\s*"arm64"\s*instance_type\s*=\s*var.c7g_instance_type')
+        self.assertRegex(raw, r'(?s)c7i = \{\s*arch\s*=\s*"amd64"\s*instance_type\s*=\s*var.c7i_instance_type')
+        self.assertRegex(raw, r'(?s)c7g = \{[^}]*count\s*=\s*var.node_count')
+        self.assertRegex(raw, r'(?s)c7i = \{[^}]*count\s*=\s*var.node_count')
+        self.assertRegex(raw, r'cpu = tostring\(each.value.count \* each.value.vcpus\)')
+        # the label and taint the manifests select and tolerate
+        self.assertRegex(raw, r'pool_label_key = "archmirror.io/bench-pool"')
+        self.assertRegex(raw, r'(?s)taint = \{\s*key\s*=\s*"archmirror.io/bench"\s*value\s*=\s*"true"'
+                              r'\s*effect\s*=\s*"NoSchedule"')
+        # and deploy/terraform passes the same structural checks
+        check_hcl_module(self, os.path.join(DEPLOY, "terraform"))
+
+    def test_pods_land_only_on_their_pools(self):
+        taint = {"key": "archmirror.io/bench", "operator": "Equal", "value": "true",
+                 "effect": "NoSchedule"}
+        raw = "\n".join(hcl_module(BENCH_TF).values())
+        for n, arch in BENCH_NODES.items():
+            with self.subTest(node=n):
+                job = bench_job(n)
+                ps = pod_spec(job)
+                want = {"kubernetes.io/arch": arch,
+                        "node.kubernetes.io/instance-type": hcl_default(raw, "%s_instance_type" % n),
+                        "archmirror.io/bench-pool": n}
+                self.assertEqual(ps["nodeSelector"], want, "Job bench-%s" % n)
+                self.assertEqual(mirror_node_selector(n), want, "mirror/%s" % n)
+                self.assertIn(taint, ps["tolerations"])
+                self.assertTrue(job["spec"]["suspend"], "bench Jobs start suspended (one at a time)")
+                self.assertEqual(job["spec"]["backoffLimit"], 0, "a failed run is not retried")
+                anti = ps["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+                self.assertEqual(anti["topologyKey"], "kubernetes.io/hostname")
+                self.assertEqual(anti["labelSelector"]["matchLabels"],
+                                 {"app.kubernetes.io/component": "mirror"})
+                env = {e["name"]: e.get("value") for e in containers(job)[0]["env"]}
+                self.assertEqual(env["INSTANCE_TYPE"], want["node.kubernetes.io/instance-type"])
+                args = job_args(job)
+                self.assertEqual(args["--node-type"], n)
+                self.assertEqual(args["--platform"], "linux/" + arch)
+                self.assertEqual(job["metadata"]["annotations"] if "annotations" in job["metadata"]
+                                 else job["spec"]["template"]["metadata"]["annotations"],
+                                 {"karpenter.sh/do-not-disrupt": "true"})
+        comp = load_all(os.path.join(BENCH_K8S, "mirror", "component", "kustomization.yaml"))[0]
+        ops = [op for p in comp["patches"] for op in (yaml.safe_load(p["patch"]) or [])
+               if isinstance(op, dict) and op.get("path") == "/spec/template/spec/tolerations"]
+        self.assertEqual([op["value"] for op in ops], [[taint]], "mirrors tolerate the taint")
+        # what is not under test runs on the infra pool
+        infra = [d for f in ("upstream.yaml", "relays.yaml")
+                 for d in load_all(os.path.join(BENCH_K8S, f)) if d["kind"] == "Deployment"]
+        infra.append(load_all(os.path.join(BENCH_JOBS, "seed-job.yaml"))[0])
+        self.assertEqual(len(infra), 4)
+        for d in infra:
+            with self.subTest(workload=d["metadata"]["name"]):
+                self.assertEqual(pod_spec(d)["nodeSelector"], {"archmirror.io/bench-pool": "infra"})
+                self.assertIn(taint, pod_spec(d)["tolerations"])
+
+    def test_wiring_between_jobs_mirrors_relays_and_upstream(self):
+        up_svc = next(d for d in load_all(os.path.join(BENCH_K8S, "upstream.yaml"))
+                      if d["kind"] == "Service")
+        up_port = up_svc["spec"]["ports"][0]["port"]
+        seed = job_args(load_all(os.path.join(BENCH_JOBS, "seed-job.yaml"))[0])
+        self.assertEqual(hostport(seed["--registry"]), (up_svc["metadata"]["name"], up_port))
+        mirror_port = base_service()["spec"]["ports"][0]["port"]
+        for n in BENCH_NODES:
+            with self.subTest(node=n):
+                relay, listens = relay_listens(n)
+                self.assertEqual(listens["upstream_addr"], "%s:%d" % (up_svc["metadata"]["name"], up_port))
+                svc = next(d for d in load_all(os.path.join(BENCH_K8S, "relays.yaml"))
+                           if d["kind"] == "Service" and d["metadata"]["name"] == "relay-" + n)
+                self.assertTrue(selects_map(svc["spec"]["selector"], pod_labels(relay)))
+                svc_ports = {p["port"] for p in svc["spec"]["ports"]}
+                self.assertEqual(svc_ports, {listens["control"], listens["archmirror"],
+                                             listens["upstream"]})
+                args = job_args(bench_job(n))
+                self.assertEqual(hostport(args["--archmirror"]), ("archmirror-" + n, mirror_port))
+                self.assertEqual(hostport(args["--upstream"]), ("relay-" + n, listens["upstream"]))
+                self.assertEqual(hostport(args["--relay-control"]), ("relay-" + n, listens["control"]))
+                self.assertEqual(hostport(args["--registry"]), (up_svc["metadata"]["name"], up_port))
+                cfg = read_json(os.path.join(BENCH_K8S, "mirror", n, "archmirror.json"))
+                ups = {u["name"]: u["url"] for u in cfg["upstreams"]}
+                self.assertEqual(hostport(ups["docker.io"]), ("relay-" + n, listens["archmirror"]))
+                self.assertEqual(cfg["default_upstream"], "docker.io")
+                # the same data_dir / listen as the base, so the base's mounts and probes fit
+                self.assertEqual(cfg["listen"], base_config()["listen"])
+                self.assertEqual(cfg["data_dir"], base_config()["data_dir"])
+                # bench/run's archmirror settings
+                self.assertEqual(cfg["cache"]["tag_freshness"], "5m")
+                self.assertEqual(cfg["upstream_client"]["pool_size"], 64)
+        comp = load_all(os.path.join(BENCH_K8S, "mirror", "component", "kustomization.yaml"))[0]
+        egress = [op["value"] for p in comp["patches"] for op in (yaml.safe_load(p["patch"]) or [])
+                  if isinstance(op, dict) and op.get("path") == "/spec/egress/-"]
+        self.assertEqual([[x["port"] for x in e["ports"]] for e in egress],
+                         [[relay_listens(n)[1]["archmirror"]] for n in ["c7g"]],
+                         "the mirrors' NetworkPolicy lets them reach the relay link")
+        self.assertEqual({relay_listens(n)[1]["archmirror"] for n in BENCH_NODES}, {7001})
+
+    def test_scripts(self):
+        import py_compile
+        scripts = ["kitlib.py", "seed.py", "eksbench.py", "relay-bind.py", "compare.py",
+                   "rehearse.py"]
+        for f in scripts:
+            with self.subTest(script=f):
+                py_compile.compile(os.path.join(BENCH, f), doraise=True,
+                                   cfile=os.path.join(tempfile.gettempdir(), "am-bench-%s.pyc" % f))
+                if f != "kitlib.py":
+                    cp = subprocess.run(["/usr/bin/python3", os.path.join(BENCH, f), "--help"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        timeout=60)
+                    self.assertEqual(cp.returncode, 0, cp.stdout)
+                    self.assertIn("usage:", cp.stdout)
+        cp = subprocess.run(["/bin/bash", "-n", os.path.join(BENCH, "run.sh")],
+                            stderr=subprocess.PIPE, text=True, timeout=30)
+        self.assertEqual(cp.returncode, 0, cp.stderr)
+        if shutil.which("shellcheck"):
+            cp = subprocess.run(["shellcheck", os.path.join(BENCH, "run.sh")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                timeout=60)
+            self.assertEqual(cp.returncode, 0, cp.stdout)
+        # every script a Job runs is in the bench image
+        docker = read(os.path.join(BENCH, "Dockerfile"))
+        for f in (os.path.join(BENCH_JOBS, x) for x in os.listdir(BENCH_JOBS) if x != "kustomization.yaml"):
+            cmd = containers(load_all(f)[0])[0]["command"]
+            self.assertTrue(cmd[-1].startswith("/opt/archmirror-bench/deploy/bench/"), cmd)
+            self.assertIn("deploy/bench/" + os.path.basename(cmd[-1]), docker)
+
+    def test_bench_run_is_importable_by_the_kit(self):
+        """The Jobs reuse bench/run's code: fail here, not in a cluster, when it moves."""
+        br = import_bench("kitlib").bench_run()
+        for name in ("seed_upstream", "index_image", "summarize", "primary", "machine",
+                     "ACCEPT", "PLATFORMS", "SEED_VERSION", "MiB"):
+            self.assertTrue(hasattr(br, name), "bench/run has no %s" % name)
+        self.assertTrue(callable(br.Bench.brief))
+        img = br.index_image("cold-001", [1024, 2048])
+        self.assertEqual(sorted(img["children"]), ["attestation", "linux/amd64", "linux/arm64"])
+        self.assertEqual(img["top"].digest, br.index_image("cold-001", [1024, 2048])["top"].digest,
+                         "seeded images must be the same bytes in every run")
+
+    def test_dockerfile(self):
+        path = os.path.join(BENCH, "Dockerfile")
+        logical = re.sub(r"\\\n", " ", read(path))
+        froms = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", logical, re.M)
+        self.assertEqual([f[1] for f in froms], ["build", "bench"])
+        self.assertIn("--target loadgen", logical)
+        self.assertIn("-DAM_TESTS=OFF", logical)
+        runtime = logical.split("AS bench", 1)[1]
+        pkgs = re.search(r"apt-get install -y --no-install-recommends\s+([^&]+)&&", runtime).group(1).split()
+        self.assertTrue({"libuv1", "liblmdb0", "libjansson4", "libssl3", "python3"} <= set(pkgs), pkgs)
+        user = re.search(r"^USER\s+(\S+)", runtime, re.M).group(1)
+        self.assertNotIn(user.split(":")[0], ("0", "root"))
+        # the product image stays the product alone
+        self.assertNotIn("loadgen", read(os.path.join(DEPLOY, "Dockerfile")))
+        # every COPY source exists and survives the dockerignore
+        ignore = [l.strip() for l in read(os.path.join(BENCH, "Dockerfile.dockerignore")).splitlines()
+                  if l.strip() and not l.startswith("#")]
+
+        def ignored(p):
+            out = False
+            for pat in ignore:
+                neg = pat.startswith("!")
+                pat = pat.lstrip("!")
+                if pat.startswith("**/"):
+                    hit = re.fullmatch(pat[3:].replace(".", r"\.").replace("*", "[^/]*"),
+                                       os.path.basename(p)) is not None
+                else:
+                    hit = p == pat or p.startswith(pat + "/")
+                if hit:
+                    out = not neg
+            return out
+        n = 0
+        for m in re.finditer(r"^COPY\s+(?!--from)(.*)$", runtime, re.M):
+            srcs = m.group(1).split()[:-1]
+            for s_ in srcs:
+                n += 1
+                self.assertTrue(os.path.exists(os.path.join(SRC, s_)), "COPY %s: no such file" % s_)
+                self.assertFalse(ignored(s_), "COPY %s: excluded by the dockerignore" % s_)
+        self.assertGreaterEqual(n, 10)
+        for needed in ("CMakeLists.txt", "src", "include", "bench/loadgen.c", "bench/CMakeLists.txt"):
+            self.assertFalse(ignored(needed), "%s is needed by the build stage" % needed)
+        # the scripts' imports are all in the image: lay out exactly what the runtime
+        # stage COPYs under /opt/archmirror-bench and run the Jobs' scripts from there
+        with tempfile.TemporaryDirectory() as img:
+            opt = "/opt/archmirror-bench/"
+            for m in re.finditer(r"^COPY\s+(?!--from)(.*)$", runtime, re.M):
+                parts = m.group(1).split()
+                dest = parts[-1]
+                self.assertTrue(dest.startswith(opt) and dest.endswith("/"), dest)
+                d = os.path.join(img, dest[len(opt):])
+                os.makedirs(d, exist_ok=True)
+                for s_ in parts[:-1]:
+                    shutil.copy(os.path.join(SRC, s_), d)
+            code = ("import sys; sys.path.insert(0, %r); import kitlib; br = kitlib.bench_run(); "
+                    "from harness import images, registry, proc; "
+                    "assert br.index_image('x', [64])['top'].digest; print('ok')"
+                    % os.path.join(img, "deploy", "bench"))
+            cp = subprocess.run(["/usr/bin/python3", "-I", "-B", "-c", code], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, timeout=60, cwd=img)
+            self.assertEqual(cp.stdout.strip(), "ok", "the bench image lacks a module:\n" + cp.stdout)
+            for script in ("seed.py", "eksbench.py", "relay-bind.py", "compare.py"):
+                cp = subprocess.run(["/usr/bin/python3", "-I", "-B",
+                                     os.path.join(img, "deploy", "bench", script), "--help"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    timeout=60, cwd=img)
+                self.assertEqual(cp.returncode, 0, "%s in the image layout: %s" % (script, cp.stdout))
+
+    def test_compare_computes_the_ratio(self):
+        c7g = sample_bench_doc("c7g", pull_p50s=[0.30, 0.28, 0.35], get_rps=[1200, 1000, 1100],
+                               blob_mbs=[900, 1000, 950], upstream_p50s=[0.32, 0.31, 0.33],
+                               cpu_usec=8_000_000)
+        c7i = sample_bench_doc("c7i", pull_p50s=[0.40, 0.36, 0.45], get_rps=[1000, 900, 950],
+                               blob_mbs=[1000, 1100, 1050], upstream_p50s=[0.32, 0.33, 0.31],
+                               cpu_usec=10_000_000)
+        with tempfile.TemporaryDirectory() as d:
+            a = os.path.join(d, "c7g.json")
+            with open(a, "w") as f:
+                json.dump(c7g, f)
+            # the second input as a saved `kubectl logs` of the Job, with the markers
+            b = os.path.join(d, "bench-c7i.log")
+            with open(b, "w") as f:
+                f.write("eksbench 12:00:00: cold-single r1 ...\n"
+                        "----- BEGIN archmirror-bench-json c7i -----\n%s\n"
+                        "----- END archmirror-bench-json c7i -----\n"
+                        "eksbench 12:30:00: done\n" % json.dumps(c7i, indent=1))
+            out = os.path.join(d, "compare.md")
+            cp = subprocess.run(["/usr/bin/python3", os.path.join(BENCH, "compare.py"), a, b,
+                                 "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, timeout=60)
+            self.assertEqual(cp.returncode, 0, cp.stderr)
+            md = read(out)
+        self.assertEqual(md, cp.stdout)
+        head = md_row(md, "scenario", "target", "metric")
+        self.assertEqual(head[3:6], ["c7g", "c7i", "c7g vs c7i"])
+        # pull p50: medians 0.30 s vs 0.40 s, lower is better -> 0.40 / 0.30 = 1.33
+        row = md_row(md, "cold-single", "archmirror")
+        self.assertEqual(row[2:6], ["pull p50", "300.0 ms", "400.0 ms", "1.33"])
+        self.assertEqual(row[8], "1.00 / 1.00", "upstream bytes / image")
+        # req/s: medians 1100 vs 950, higher is better -> 1.16
+        row = md_row(md, "manifest-get-c16", "archmirror")
+        self.assertEqual(row[2:6], ["req/s", "1100 req/s", "950 req/s", "1.16"])
+        # MB/s: 950 vs 1050: c7i better -> 0.90
+        self.assertEqual(md_row(md, "blob-1m", "archmirror")[3:6], ["950 MB/s", "1050 MB/s", "0.90"])
+        # upstream straight: equal medians -> 1.00
+        self.assertEqual(md_row(md, "cold-single", "upstream")[5], "1.00")
+        # archmirror vs upstream on each node type: 0.32/0.30 and 0.32/0.40
+        self.assertEqual(md_row(md, "cold-single", ncells=3)[1:3], ["1.07", "0.80"])
+        # CPU seconds, lower is better: 10 / 8
+        self.assertEqual(md_row(md, "archmirror CPU seconds")[1:4], ["8.00", "10.00", "1.25"])
+        self.assertEqual(md_row(md, "SHA extensions (/proc/cpuinfo)")[1:3], ["sha2", "sha_ni"])
+        # and compare.py's metric choice is bench/run's
+        compare = import_bench("compare")
+        br = import_bench("kitlib").bench_run()
+        for row in c7g["results"]:
+            self.assertEqual(compare.primary(row), br.primary(row))
+        rows = {(r["scenario"], r["target"]): r for r in compare.compare(c7g, c7i)}
+        self.assertAlmostEqual(rows[("cold-single", "archmirror")]["ratio"], 0.40 / 0.30)
+        self.assertAlmostEqual(rows[("manifest-get-c16", "archmirror")]["ratio"], 1100 / 950)
+
+
+class BenchTerraformPlanTest(unittest.TestCase):
+    """`terraform validate` + `terraform plan` of deploy/bench/terraform and
+    deploy/terraform, offline: the modules are copied with kubectl_manifest replaced by
+    terraform's built-in terraform_data (no provider to download), so variables, locals,
+    for_each and yamlencode are evaluated for real and the NodePools' YAML can be read
+    back. Skipped without a terraform binary (not in Debian)."""
+
+    @classmethod
+    def setUpClass(cls):
+        need_yaml()
+        cls.terraform = os.environ.get("AM_TERRAFORM") or shutil.which("terraform")
+        if not cls.terraform:
+            raise unittest.SkipTest("no terraform on PATH (not packaged in Debian); the "
+                                    "structural HCL checks in BenchKitTest still ran")
+        cls.tmp = tempfile.mkdtemp(prefix="am-tf-")
+        cls.addClassCleanup(shutil.rmtree, cls.tmp, True)
+        rc = os.path.join(cls.tmp, "terraformrc")
+        open(rc, "w").close()
+        cls.env = dict(os.environ, CHECKPOINT_DISABLE="1", TF_IN_AUTOMATION="1",
+                       TF_CLI_CONFIG_FILE=rc, TF_INPUT="0")
+
+    def stub(self, rel_dir, extra_dirs=()):
+        root = tempfile.mkdtemp(dir=self.tmp)
+        for d in (rel_dir,) + tuple(extra_dirs):
+            shutil.copytree(os.path.join(SRC, d), os.path.join(root, d))
+        mod = os.path.join(root, rel_dir)
+        for f in os.listdir(mod):
+            if not f.endswith(".tf"):
+                continue
+            s = read(os.path.join(mod, f))
+            i = s.find("required_providers")
+            if i >= 0:
+                j, depth = s.index("{", i), 0
+                for k in range(j, len(s)):
+                    depth += {"{": 1, "}": -1}.get(s[k], 0)
+                    if depth == 0:
+                        break
+                s = s[:i] + s[k + 1:]
+            s = (s.replace('resource "kubectl_manifest"', 'resource "terraform_data"')
+                 .replace("kubectl_manifest.", "terraform_data.").replace("yaml_body =", "input ="))
+            with open(os.path.join(mod, f), "w") as fh:
+                fh.write(s)
+        return mod
+
+    def tf(self, mod, *args, timeout=180):
+        cp = subprocess.run([self.terraform, "-chdir=" + mod] + list(args), env=self.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=timeout)
+        self.assertEqual(cp.returncode, 0, "terraform %s:\n%s" % (" ".join(args), cp.stdout))
+        return cp.stdout
+
+    def plan(self, mod, *var_args):
+        self.tf(mod, "init", "-backend=false", "-input=false", "-no-color")
+        self.assertIn("The configuration is valid", self.tf(mod, "validate", "-no-color"))
+        self.tf(mod, "plan", "-input=false", "-no-color", "-lock=false", "-out=plan.bin", *var_args)
+        show = json.loads(self.tf(mod, "show", "-json", "plan.bin"))
+        return {rc["address"]: yaml.safe_load(rc["change"]["after"]["input"])
+                for rc in show["resource_changes"]}, show
+
+    def test_fmt(self):
+        for d in (BENCH_TF, os.path.join(DEPLOY, "terraform")):
+            with self.subTest(module=rel(d)):
+                cp = subprocess.run([self.terraform, "fmt", "-check", "-diff", d], env=self.env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    timeout=60)
+                if d == BENCH_TF:
+                    self.assertEqual(cp.returncode, 0, cp.stdout)
+
+    def test_bench_nodepools_plan(self):
+        mod = self.stub(os.path.join("deploy", "bench", "terraform"))
+        pools, show = self.plan(mod, "-var", "cluster_name=test-cluster", "-var", "zone=us-east-1a")
+        by_name = {p["metadata"]["name"]: p for p in pools.values()}
+        self.assertEqual(sorted(by_name), ["bench-c7g", "bench-c7i", "bench-infra"])
+        for n, arch in list(BENCH_NODES.items()) + [("infra", "amd64")]:
+            p = by_name["bench-" + n]
+            with self.subTest(pool=p["metadata"]["name"]):
+                self.assertEqual(p["apiVersion"], "karpenter.sh/v1")
+                self.assertEqual(p["kind"], "NodePool")
+                t = p["spec"]["template"]
+                req = {r["key"]: r["values"] for r in t["spec"]["requirements"]}
+                self.assertEqual(req["kubernetes.io/arch"], [arch])
+                self.assertEqual(req["topology.kubernetes.io/zone"], ["us-east-1a"])
+                self.assertEqual(req["karpenter.sh/capacity-type"], ["on-demand"])
+                self.assertEqual(t["spec"]["taints"], [{"key": "archmirror.io/bench",
+                                                        "value": "true", "effect": "NoSchedule"}])
+                self.assertEqual(t["metadata"]["labels"], {"archmirror.io/bench-pool": n})
+                self.assertEqual(t["spec"]["nodeClassRef"]["name"], "archmirror-al2023")
+                self.assertEqual(p["spec"]["disruption"]["consolidationPolicy"], "WhenEmpty")
+                if n in BENCH_NODES:
+                    # what the Pods select is exactly what this pool launches
+                    sel = pod_spec(bench_job(n))["nodeSelector"]
+                    self.assertEqual(req["node.kubernetes.io/instance-type"],
+                                     [sel["node.kubernetes.io/instance-type"]])
+                    self.assertEqual([sel["kubernetes.io/arch"]], req["kubernetes.io/arch"])
+                    self.assertEqual(sel["archmirror.io/bench-pool"], n)
+                    self.assertEqual(p["spec"]["limits"], {"cpu": "8"}, "2 nodes x 4 vCPUs")
+        self.assertEqual(by_name["bench-c7g"]["spec"]["limits"], by_name["bench-c7i"]["spec"]["limits"],
+                         "equal size")
+        # no zone: no zone requirement
+        mod = self.stub(os.path.join("deploy", "bench", "terraform"))
+        pools, _ = self.plan(mod, "-var", "cluster_name=test-cluster", "-var", "node_count=3")
+        for p in pools.values():
+            keys = [r["key"] for r in p["spec"]["template"]["spec"]["requirements"]]
+            self.assertNotIn("topology.kubernetes.io/zone", keys)
+        self.assertEqual({p["metadata"]["name"]: p["spec"]["limits"]["cpu"] for p in pools.values()},
+                         {"bench-c7g": "12", "bench-c7i": "12", "bench-infra": "4"})
+
+    def test_deploy_terraform_plan(self):
+        mod = self.stub(os.path.join("deploy", "terraform"), extra_dirs=(os.path.join("deploy", "karpenter"),))
+        objs, _ = self.plan(mod, "-var", "cluster_name=test-cluster")
+        kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objs.values())
+        self.assertEqual(kinds, [("EC2NodeClass", "archmirror-al2023"), ("NodePool", "general"),
+                                 ("NodePool", "graviton")])
+        nc = next(o for o in objs.values() if o["kind"] == "EC2NodeClass")
+        self.assertEqual(nc["spec"]["role"], "KarpenterNodeRole-test-cluster")
+
+
+class BenchKustomizeRenderTest(unittest.TestCase):
+    """The rendered bench: two mirrors that do not collide with each other or with a
+    production archmirror."""
+
+    @classmethod
+    def setUpClass(cls):
+        need_yaml()
+        kubectl, reason = find_kubectl()
+        if not kubectl:
+            raise unittest.SkipTest("kustomize render skipped: " + reason)
+        cls.docs = {}
+        for d in (BENCH_K8S, BENCH_JOBS):
+            cp = subprocess.run([kubectl, "kustomize", d], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, timeout=120,
+                                env=dict(os.environ, KUBECONFIG="/dev/null"))
+            if cp.returncode != 0:
+                raise AssertionError("kubectl kustomize %s:\n%s" % (rel(d), cp.stderr))
+            cls.docs[d] = [x for x in yaml.safe_load_all(cp.stdout) if x]
+
+    def test_namespace_and_no_collisions(self):
+        docs = self.docs[BENCH_K8S] + self.docs[BENCH_JOBS]
+        for o in docs:
+            with self.subTest(kind=o["kind"], name=o["metadata"]["name"]):
+                if o["kind"] == "Namespace":
+                    self.assertEqual(o["metadata"]["name"], "archmirror-bench")
+                else:
+                    self.assertEqual(o["metadata"].get("namespace"), "archmirror-bench")
+                self.assertNotEqual(o["kind"], "PriorityClass", "no cluster-wide objects")
+        for svc in (o for o in docs if o["kind"] == "Service"):
+            self.assertIn(svc["spec"].get("clusterIP"), (None, "None"),
+                          "%s: a fixed ClusterIP would collide with production's 10.100.50.50"
+                          % svc["metadata"]["name"])
+
+    def test_one_cold_mirror_per_node_type(self):
+        docs = self.docs[BENCH_K8S]
+        sts = {o["metadata"]["name"]: o for o in docs if o["kind"] == "StatefulSet"}
+        self.assertEqual(sorted(sts), ["archmirror-%s" % n for n in sorted(BENCH_NODES)])
+        pods = {n: pod_labels(s) for n, s in sts.items()}
+        for n, arch in BENCH_NODES.items():
+            s = sts["archmirror-" + n]
+            with self.subTest(node=n):
+                self.assertEqual(s["spec"]["replicas"], 1)
+                self.assertNotIn("volumeClaimTemplates", s["spec"], "cache on emptyDir: cold on restart")
+                cache = [v for v in pod_spec(s)["volumes"] if v["name"] == "cache"]
+                self.assertEqual(len(cache), 1)
+                self.assertIn("emptyDir", cache[0])
+                self.assertNotIn("topologySpreadConstraints", pod_spec(s))
+                self.assertNotIn("priorityClassName", pod_spec(s))
+                self.assertEqual(pod_spec(s)["nodeSelector"], pod_spec(bench_job(n))["nodeSelector"])
+                c = containers(s)[0]
+                self.assertNotIn("cpu", c["resources"].get("limits", {}), "no CFS throttling")
+                self.assertEqual(c["image"], "registry.example.com/platform/archmirror:0.1.0")
+                # each Service reaches its own mirror only
+                svc = next(o for o in docs if o["kind"] == "Service"
+                           and o["metadata"]["name"] == "archmirror-" + n)
+                picked = [m for m, labels in pods.items() if selects_map(svc["spec"]["selector"], labels)]
+                self.assertEqual(picked, ["archmirror-" + n])
+                cm = next(o for o in docs if o["kind"] == "ConfigMap" and
+                          o["metadata"]["name"] == next(v["configMap"]["name"] for v in pod_spec(s)["volumes"]
+                                                         if "configMap" in v))
+                cfg = json.loads(cm["data"]["archmirror.json"])
+                self.assertEqual(cfg["upstreams"][0]["url"], "http://relay-%s:7001" % n)
+        # the NetworkPolicy's DNS peer must not have picked up the node-type label
+        for np_ in (o for o in docs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].startswith("archmirror-")):
+            dns = [p for e in np_["spec"]["egress"] for p in e.get("to", [])
+                   if "namespaceSelector" in p]
+            self.assertEqual(dns[0]["podSelector"]["matchLabels"], {"k8s-app": "kube-dns"})
+            ports = [p["port"] for e in np_["spec"]["egress"] for p in e.get("ports", [])]
+            self.assertIn(7001, ports)
+
+    def test_jobs_render(self):
+        jobs = {o["metadata"]["name"]: o for o in self.docs[BENCH_JOBS] if o["kind"] == "Job"}
+        self.assertEqual(sorted(jobs), ["bench-c7g", "bench-c7i", "bench-seed"])
+        images = {c["image"] for j in jobs.values() for c in containers(j)}
+        self.assertEqual(images, {"registry.example.com/platform/archmirror-bench:0.1.0"})
+        relays = [o for o in self.docs[BENCH_K8S] if o["kind"] == "Deployment"]
+        self.assertEqual({c["image"] for d in relays for c in containers(d)},
+                         {"registry.example.com/platform/archmirror-bench:0.1.0",
+                          "docker.io/library/registry:2.8.2"})
+
+
+class BenchRehearsalTest(unittest.TestCase):
+    """deploy/bench/rehearse.py: the kit's scripts end to end on loopback (docker-registry,
+    seed.py, relay-bind.py, archmirror, eksbench.py twice, compare.py). Needs bench/loadgen
+    built (`make bench` or `cmake --build <dir> --target loadgen`); skipped otherwise."""
+
+    def test_rehearsal(self):
+        testbase.require_archmirror()
+        loadgen = bench_loadgen()
+        if not loadgen:
+            self.skipTest("bench/loadgen not built (cmake --build <build dir> --target loadgen)")
+        if not os.access(registry.REGISTRY_BIN, os.X_OK):
+            self.skipTest("docker-registry not installed")
+        out = testbase.new_workdir("bench-rehearsal")
+        cp = subprocess.run(["/usr/bin/python3", os.path.join(BENCH, "rehearse.py"), "--out", out,
+                             "--archmirror", archmirror.binary(), "--loadgen", loadgen],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=240)
+        self.assertEqual(cp.returncode, 0, "rehearse.py:\n%s\n%s" % (cp.stdout, cp.stderr))
+        for label in ("first", "second"):
+            with self.subTest(run=label):
+                doc = read_json(os.path.join(out, label + ".json"))
+                self.assertEqual(doc["failures"], [], read(os.path.join(out, label + ".log")))
+                self.assertEqual(set(doc), {"meta", "summary", "results", "failures", "seed"})
+                rows = {(r["scenario"], r["target"]): r for r in doc["results"]}
+                for key in (("cold-single", "archmirror"), ("cold-single", "upstream"),
+                            ("warm-single", "archmirror"), ("cold-herd-4", "archmirror"),
+                            ("manifest-get-c4", "archmirror"), ("blob-1m", "archmirror")):
+                    self.assertIn(key, rows)
+                    self.assertEqual(rows[key]["loadgen"]["errors"], 0)
+                cold = rows[("cold-single", "archmirror")]
+                self.assertAlmostEqual(cold["upstream"]["down_body_bytes"] /
+                                       cold["loadgen"]["image_bytes"], 1.0, places=2)
+                self.assertEqual(rows[("warm-single", "archmirror")]["upstream"]["requests"], 0,
+                                 "a warm pull inside the freshness window asks upstream nothing")
+                self.assertAlmostEqual(rows[("cold-herd-4", "archmirror")]["upstream"]["down_body_bytes"] /
+                                       rows[("cold-herd-4", "archmirror")]["loadgen"]["image_bytes"],
+                                       1.0, places=2)
+                self.assertIn("ratio_median", doc["summary"]["cold-single"]["upstream"])
+                self.assertIn("sha256", doc["meta"]["openssl_speed"])
+        md = read(os.path.join(out, "compare.md"))
+        self.assertEqual(md_row(md, "cold-single", "archmirror")[2], "pull p50")
+        self.assertIn("| warm-herd-4 |", md)
 
 
 if __name__ == "__main__":

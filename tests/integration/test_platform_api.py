@@ -13,6 +13,11 @@ counting proxy (upstream "example.com").
   "missing" lists the images that containerd on the required platform could not pull,
   "matches" names the entry it would; an unknown tag, an unknown registry and a bad
   reference each get their own error entry; identical images are looked up once.
+* An OCI index of indexes (harness images.nested_index_image): the leaf manifests'
+  platforms with the leaf digests (a leaf without a platform takes its child index's),
+  the child indexes read once upstream and kept in the cache; POST with require matches
+  leaves and lists what is missing; a child index the upstream lost fails that image
+  (MANIFEST_INVALID naming the child), not silently drops its platforms.
 * A batch of 12 uncached manifests runs at most 8 upstream lookups at a time (the proxy
   holds every answer until the test releases them all).
 * Bad input: malformed JSON, wrong shape, too many images, missing image=, bad reference,
@@ -28,7 +33,7 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import httpc, registry, testbase  # noqa: E402
+from harness import httpc, images, registry, testbase  # noqa: E402
 
 API = "/api/v1/platforms"
 
@@ -44,7 +49,15 @@ class PlatformAPITest(testbase.IntegrationCase):
         super().setUpClass()
         testbase.require_archmirror()
         cls.registry = cls.start_registry()
-        cls.seeded = registry.seed_standard(cls.registry.client())
+        client = cls.registry.client()
+        cls.seeded = registry.seed_standard(client)
+        for key in ("nested", "nested-broken"):
+            repo = "library/" + key
+            cls.seeded[key] = (repo, "1.0", client.push_image(
+                repo, "1.0", images.nested_index_image(key)))
+        # The upstream loses child index A of nested-broken after the push.
+        img = cls.seeded["nested-broken"][2]
+        client.delete_manifest("library/nested-broken", img["indexes"][0].digest)
         cls.fp = cls.start_faultproxy(cls.registry)
         up = [("example.com", cls.fp.url)]
         cls.am = cls.start_archmirror(name="am", upstreams=up)
@@ -206,6 +219,65 @@ class PlatformAPITest(testbase.IntegrationCase):
         self.assertApiError(r, 405, "METHOD_NOT_ALLOWED")
         self.assertEqual(r.header("Allow"), "GET, HEAD, POST")
         self.assertEqual(self.fp.total(), 0, "bad input reached the upstream" + self.context())
+
+    # -- nested indexes --------------------------------------------------------------
+    def test_nested_index_lists_the_leaf_manifests_with_their_digests(self):
+        repo, _, img = self.seeded["nested"]
+        a, b = img["indexes"]
+        r = self.api_get(self.image("nested"))
+        d = self.doc(r)
+        self.assertEqual(d["digest"], img["top"].digest)
+        self.assertEqual(d["mediaType"], images.OCI_INDEX)
+        self.assertIs(d["multiArch"], True)
+        # B carries a platform, A none: containerd prefers B's entry, then descends into A.
+        self.assertChildren(d, "nested", ["linux/arm/v7", "linux/amd64", "linux/arm64"])
+        body = r.body.decode()
+        for gone in (a.digest, b.digest, img["children"]["attestation"]["manifest"].digest):
+            self.assertNotIn(gone, body)
+        self.assertEqual(d["source"], "upstream")
+        for child in (a, b):
+            path = "/v2/%s/manifests/%s" % (repo, child.digest)
+            self.assertEqual(self.fp.count(method="GET", path=path), 1, self.context())
+
+        # Cached: the second answer and the child indexes a node asks for next need no
+        # upstream request.
+        before = self.fp.total()
+        again = self.doc(self.api_get(self.image("nested")))
+        self.assertEqual(again["source"], "cache")
+        self.assertEqual(again["platforms"], d["platforms"])
+        for child in (a, b):
+            mr = self.get(self.am, "/v2/%s/manifests/%s?ns=example.com" % (repo, child.digest),
+                          accept=images.ALL_MANIFEST_TYPES)
+            self.assertManifestResponse(mr, child)
+        self.assertEqual(self.fp.total(), before, self.context())
+
+    def test_batch_require_matches_leaves_of_a_nested_index(self):
+        nested = self.image("nested")
+        leaf = {k: c["manifest"].digest for k, c in self.seeded["nested"][2]["children"].items()}
+        d = self.doc(self.api_post({"images": [nested],
+                                    "require": ["linux/arm64", "linux/arm/v7", "linux/s390x"]},
+                                   am=self.am_batch))
+        self.assertEqual(d["missing"], [{"image": nested, "platforms": ["linux/s390x"]}])
+        self.assertEqual(d["results"][0]["matches"], {
+            "linux/arm64": {"platform": "linux/arm64", "digest": leaf["linux/arm64"]},
+            "linux/arm/v7": {"platform": "linux/arm/v7", "digest": leaf["linux/arm/v7"]},
+            "linux/s390x": None})
+        d = self.doc(self.api_post({"images": [nested], "require": ["linux/amd64"]},
+                                   am=self.am_batch))
+        self.assertEqual(d["missing"], [])
+        self.assertEqual(d["results"][0]["matches"]["linux/amd64"]["digest"], leaf["linux/amd64"])
+
+    def test_nested_index_whose_child_is_gone_upstream_is_an_error(self):
+        lost = self.seeded["nested-broken"][2]["indexes"][0].digest
+        broken = self.image("nested-broken")
+        self.assertApiError(self.api_get(broken), 502, "MANIFEST_INVALID", lost)
+        d = self.doc(self.api_post({"images": [broken, self.image("nested")],
+                                    "require": ["linux/arm64"]}, am=self.am_batch))
+        by = {x["image"]: x for x in d["results"]}
+        self.assertEqual(by[broken]["error"]["code"], "MANIFEST_INVALID", repr(d))
+        self.assertIn(lost, by[broken]["error"]["message"])
+        self.assertNotIn("platforms", by[broken])
+        self.assertEqual(d["missing"], [])  # an error is reported as such, not as missing
 
     # -- POST ------------------------------------------------------------------------
     def test_batch_reports_missing_platforms_and_errors_per_image(self):

@@ -26,6 +26,10 @@ source:
     platform (linux/amd64, platformSource "config"); and so is the header-less pull of a
     single-arch image archmirror has never looked at (plain/single: the first pull of
     every new single-arch image or digest).
+  * nested: an index of one index (library/nested:1.0) pulled by the arm64 node (header)
+    and the header-less node for linux/amd64 is one pull each, recorded against the tag
+    and the top index with the leaf the node fetched (not a tagless pull of the child
+    index).
 """
 import datetime
 import json
@@ -52,6 +56,18 @@ def seed_plain(client):
     return out
 
 
+def index_of_index(seed):
+    """An OCI index whose one entry (no platform) is the OCI index of oci_index_image.
+    (images.nested_index_image also has an arm/v7 child index, which containerd 1.6's
+    unpack reads even on an arm64 node that did not fetch it.)"""
+    inner = images.oci_index_image(seed)
+    top = images.Blob(images.canonical({"schemaVersion": 2, "mediaType": images.OCI_INDEX,
+                                        "manifests": [inner["top"].descriptor()]}),
+                      images.OCI_INDEX)
+    return {"kind": "oci-nested", "top": top, "indexes": [inner["top"]],
+            "children": inner["children"]}
+
+
 def parse_time(s):
     return datetime.datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
         tzinfo=datetime.timezone.utc)
@@ -66,6 +82,9 @@ class PullLogCtrTest(testbase.IntegrationCase):
         client = cls.registry.client()
         cls.seeded = registry.seed_standard(client)
         cls.plain = seed_plain(client)
+        nested = index_of_index("pulls-nested")
+        client.push_image("library/nested", "1.0", nested)
+        cls.nested = {"nested": ("library/nested", "1.0", nested)}
         cls.am = cls.start_archmirror(upstreams=[(REG, cls.registry.url)])
         cls.dead = proc.DeadPort()
         cls.addClassCleanup(cls.dead.close)
@@ -260,6 +279,23 @@ class PullLogCtrTest(testbase.IntegrationCase):
         lines = self.lines_for(self.plain, "single")
         self.assertEqual(len(lines), 1, lines)
         self.assertLine(lines[0], self.plain, "single", "linux/amd64", "config")
+
+
+    def test_5_index_of_indexes_is_one_pull(self):
+        self.pull("linux/arm64", self.nested, "nested", "linux/arm64")
+        self.pull(None, self.nested, "nested", "linux/amd64")
+        got = self.entries(self.nested, "nested")
+        self.assertEqual(set(got), {"linux/arm64", "linux/amd64"}, "%s%s" % (got, self.context()))
+        self.assertEntry(got["linux/arm64"], self.nested, "nested", "linux/arm64", 1,
+                         {"header": 1})
+        self.assertEntry(got["linux/amd64"], self.nested, "nested", "linux/amd64", 1,
+                         {"child-manifest": 1})
+        lines = self.lines_for(self.nested, "nested")
+        self.assertEqual(len(lines), 2, "one record per pull, none for the child index: %s"
+                         % json.dumps(lines, indent=1))
+        by = {l["nodePlatform"]: l for l in lines}
+        self.assertLine(by["linux/arm64"], self.nested, "nested", "linux/arm64", "header")
+        self.assertLine(by["linux/amd64"], self.nested, "nested", "linux/amd64", "child-manifest")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 /*
  * test_imageinfo — the platforms of an image from the caches: noted and stored indexes,
  * the child → platform map, single-arch manifests with and without a platform record,
- * schema 1, truncation, the LRU bound, queries answered synchronously from the store, and
- * the query lifetime (cancel, free) against an upstream that never answers in time.
+ * schema 1, truncation, the LRU bound, queries answered synchronously from the store,
+ * nested indexes (leaves, the outer entry's platform, cycles, the depth and count limits,
+ * a child the upstream cannot give), and the query lifetime (cancel, free) against an
+ * upstream that never answers in time.
  *
  * Every test gets a fresh metastore (mkdtemp under $AM_TEST_TMP or /tmp), its own loop,
  * and ends by closing everything and asserting uv_loop_close() == 0. No upstream is ever
- * reached: the lifetime tests end before their connection attempt does.
+ * reached: the lifetime tests end before their connection attempt does, and the one test
+ * that runs the loop connects to a closed loopback port (refused at once).
  */
 #include <errno.h>
 #include <ftw.h>
@@ -50,6 +53,7 @@ struct fx {
 struct got {
     int calls;
     int err;
+    char message[512];
     char cache_state[16];
     bool from_upstream;
     uint64_t checked_at_ms;
@@ -61,6 +65,7 @@ static void on_got(void *arg, const struct am_imageinfo_result *r)
     struct got *g = arg;
     g->calls++;
     g->err = r->err;
+    snprintf(g->message, sizeof g->message, "%s", r->message ? r->message : "");
     snprintf(g->cache_state, sizeof g->cache_state, "%s", r->cache_state ? r->cache_state : "?");
     g->from_upstream = r->from_upstream;
     g->checked_at_ms = r->checked_at_ms;
@@ -131,20 +136,46 @@ static void digest_of_str(const char *s, struct am_digest *d)
     am_digest_of(AM_DIGEST_SHA256, s, strlen(s), d);
 }
 
+/* A descriptor of media type mt and digest d. */
+static void add_desc(struct am_buf *b, const char *mt, const struct am_digest *d, size_t size,
+                     const char *platform_json, const char *annotations)
+{
+    assert_int_equal(
+        am_buf_appendf(b, "%s{\"mediaType\":\"%s\",\"digest\":\"%s\",\"size\":%zu%s%s%s%s}",
+                       b->len && b->data[b->len - 1] != '[' ? "," : "", mt, d->str, size,
+                       platform_json ? ",\"platform\":" : "", platform_json ? platform_json : "",
+                       annotations ? ",\"annotations\":" : "", annotations ? annotations : ""),
+        0);
+}
+
 /* A child descriptor with the digest of `seed`. */
 static void add_entry(struct am_buf *b, const char *seed, const char *platform_json,
                       const char *annotations)
 {
     struct am_digest d;
     digest_of_str(seed, &d);
-    assert_int_equal(
-        am_buf_appendf(b,
-                       "%s{\"mediaType\":\"" AM_MT_OCI_MANIFEST_S
-                       "\",\"digest\":\"%s\",\"size\":%zu%s%s%s%s}",
-                       b->len && b->data[b->len - 1] != '[' ? "," : "", d.str, strlen(seed) + 100,
-                       platform_json ? ",\"platform\":" : "", platform_json ? platform_json : "",
-                       annotations ? ",\"annotations\":" : "", annotations ? annotations : ""),
-        0);
+    add_desc(b, AM_MT_OCI_MANIFEST_S, &d, strlen(seed) + 100, platform_json, annotations);
+}
+
+/* An entry that is itself an index, with digest d. */
+static void add_index_entry(struct am_buf *b, const struct am_digest *d, const char *platform_json)
+{
+    add_desc(b, AM_MT_OCI_INDEX_S, d, 500, platform_json, NULL);
+}
+
+static void index_begin(struct am_buf *b)
+{
+    am_buf_init(b, 1 << 20);
+    assert_int_equal(am_buf_append_str(b, "{\"schemaVersion\":2,\"mediaType\":\"" AM_MT_OCI_INDEX_S
+                                          "\",\"manifests\":["),
+                     0);
+}
+
+/* Owned string. */
+static char *index_end(struct am_buf *b)
+{
+    assert_int_equal(am_buf_append_str(b, "]}"), 0);
+    return am_buf_steal(b, NULL);
 }
 
 /* OCI index: amd64, arm64/v8, arm (→ v7), a buildx attestation, a nested index without a
@@ -559,6 +590,345 @@ static void free_answers_pending_queries_with_ecanceled(void **state)
     assert_int_equal(g2.err, AM_ECANCELED);
 }
 
+/* ---- nested indexes ---- */
+
+#define P_AMD64 "{\"os\":\"linux\",\"architecture\":\"amd64\"}"
+#define P_ARM64 "{\"os\":\"linux\",\"architecture\":\"arm64\"}"
+#define P_ARMV7 "{\"os\":\"linux\",\"architecture\":\"arm\",\"variant\":\"v7\"}"
+
+/* An index of indexes:
+ *   top: [A (no platform), B (linux/arm/v7), "top-amd64" (linux/amd64)]
+ *   A:   ["a-amd64" (linux/amd64), "a-arm64" (linux/arm64), "a-att" (attestation)]
+ *   B:   ["b-arm" (no platform: inherits arm/v7), "b-amd64" (an arm/v7 node never takes it)]
+ * containerd on amd64 takes top-amd64 (platform-less entries sort last), on arm64 A's
+ * a-arm64, on arm/v7 b-arm. */
+struct nested {
+    char *a, *b, *top;
+    struct am_digest da, db, dtop;
+};
+
+static void nested_make(struct nested *n)
+{
+    struct am_buf b;
+    index_begin(&b);
+    add_entry(&b, "a-amd64", P_AMD64, NULL);
+    add_entry(&b, "a-arm64", P_ARM64, NULL);
+    add_entry(&b, "a-att", "{\"os\":\"unknown\",\"architecture\":\"unknown\"}",
+              "{\"vnd.docker.reference.type\":\"attestation-manifest\"}");
+    n->a = index_end(&b);
+    digest_of_str(n->a, &n->da);
+    index_begin(&b);
+    add_entry(&b, "b-arm", NULL, NULL);
+    add_entry(&b, "b-amd64", P_AMD64, NULL);
+    n->b = index_end(&b);
+    digest_of_str(n->b, &n->db);
+    index_begin(&b);
+    add_index_entry(&b, &n->da, NULL);
+    add_index_entry(&b, &n->db, P_ARMV7);
+    add_entry(&b, "top-amd64", P_AMD64, NULL);
+    n->top = index_end(&b);
+    digest_of_str(n->top, &n->dtop);
+}
+
+static void nested_free(struct nested *n)
+{
+    free(n->a);
+    free(n->b);
+    free(n->top);
+}
+
+static void assert_nested_platforms(const struct am_imageinfo_image *img)
+{
+    static const char *want[][2] = {
+        {"linux/arm/v7", "b-arm"}, {"linux/amd64", "top-amd64"}, {"linux/arm64", "a-arm64"}};
+    assert_true(img->is_index);
+    assert_true(img->multi_arch);
+    assert_false(img->truncated);
+    assert_int_equal(img->n_platforms, 3);
+    for (size_t i = 0; i < 3; i++) {
+        struct am_digest d;
+        digest_of_str(want[i][1], &d);
+        assert_string_equal(fmt(&img->platforms[i].platform), want[i][0]);
+        assert_string_equal(img->platforms[i].digest.str, d.str); /* the leaf, not A or B */
+        assert_int_equal(img->platforms[i].size, strlen(want[i][1]) + 100);
+    }
+}
+
+static void a_two_level_index_lists_the_leaf_manifests_of_its_child_indexes(void **state)
+{
+    struct fx *f = *state;
+    struct nested n;
+    struct am_digest d, child, got;
+    struct am_imageinfo_image img;
+    struct am_platform p;
+    nested_make(&n);
+    store_manifest(f, REPO, AM_MT_OCI_INDEX_S, n.top, &d);
+
+    /* The children are not stored: not derivable without the upstream. Noting the top
+     * attributes its own manifest entries only. */
+    assert_int_equal(am_imageinfo_lookup_cached(f->ii, 0, REPO, &n.dtop, &img), AM_ENOT_FOUND);
+    assert_int_equal(am_imageinfo_note_index(f->ii, 0, REPO, &n.dtop, NULL, n.top, strlen(n.top)),
+                     0);
+    digest_of_str("top-amd64", &child);
+    assert_int_equal(am_imageinfo_child_platform(f->ii, 0, REPO, &child, &p, NULL), 0);
+    digest_of_str("a-arm64", &child);
+    assert_int_equal(am_imageinfo_child_platform(f->ii, 0, REPO, &child, &p, NULL), AM_ENOT_FOUND);
+
+    store_manifest(f, REPO, AM_MT_OCI_INDEX_S, n.a, &d);
+    store_manifest(f, REPO, AM_MT_OCI_INDEX_S, n.b, &d);
+    memset(&img, 0, sizeof img);
+    assert_int_equal(am_imageinfo_lookup_cached(f->ii, 0, REPO, &n.dtop, &img), 0);
+    assert_nested_platforms(&img);
+    assert_string_equal(img.digest.str, n.dtop.str);
+
+    /* Every leaf maps to its platform and to the top index (what the pull log names). */
+    digest_of_str("a-arm64", &child);
+    assert_int_equal(am_imageinfo_child_platform(f->ii, 0, REPO, &child, &p, &got), 0);
+    assert_string_equal(fmt(&p), "linux/arm64");
+    assert_string_equal(got.str, n.dtop.str);
+    digest_of_str("a-amd64", &child); /* a second amd64 manifest: containerd could pick it */
+    assert_int_equal(am_imageinfo_child_platform(f->ii, 0, REPO, &child, &p, NULL), 0);
+    digest_of_str("b-arm", &child);
+    assert_int_equal(am_imageinfo_child_platform(f->ii, 0, REPO, &child, &p, NULL), 0);
+    assert_string_equal(fmt(&p), "linux/arm/v7");
+    digest_of_str("b-amd64", &child);
+    assert_int_equal(am_imageinfo_child_platform(f->ii, 0, REPO, &child, &p, NULL), AM_ENOT_FOUND);
+    digest_of_str("a-att", &child);
+    assert_int_equal(am_imageinfo_child_platform(f->ii, 0, REPO, &child, &p, NULL), AM_ENOT_FOUND);
+    /* The child indexes are not platforms. */
+    assert_int_equal(am_imageinfo_child_platform(f->ii, 0, REPO, &n.db, &p, NULL), AM_ENOT_FOUND);
+
+    /* Remembered: answered from memory. */
+    struct am_imageinfo_stats st;
+    am_imageinfo_get_stats(f->ii, &st);
+    uint64_t parses = st.parses;
+    assert_int_equal(am_imageinfo_lookup_cached(f->ii, 0, REPO, &n.dtop, &img), 0);
+    am_imageinfo_get_stats(f->ii, &st);
+    assert_int_equal(st.parses, parses);
+    nested_free(&n);
+}
+
+static void a_query_reads_stored_child_indexes_through_the_manifests_module(void **state)
+{
+    struct fx *f = *state;
+    struct nested n;
+    struct am_digest d;
+    nested_make(&n);
+    store_manifest(f, REPO, AM_MT_OCI_INDEX_S, n.top, &d);
+    store_manifest(f, REPO, AM_MT_OCI_INDEX_S, n.a, &d);
+    store_manifest(f, REPO, AM_MT_OCI_INDEX_S, n.b, &d);
+
+    struct got g = {0};
+    struct am_imageinfo_waiter *w = (void *)1;
+    struct am_imageinfo_query q = {.up_idx = 0, .repo = REPO, .digest = &n.dtop};
+    assert_int_equal(am_imageinfo_get(f->ii, &q, on_got, &g, &w), 0);
+    assert_null(w); /* every child was stored: answered before get returned */
+    assert_int_equal(g.calls, 1);
+    assert_int_equal(g.err, 0);
+    assert_false(g.from_upstream);
+    assert_string_equal(g.cache_state, "hit");
+    assert_nested_platforms(&g.image);
+    struct am_imageinfo_stats st;
+    am_imageinfo_get_stats(f->ii, &st);
+    assert_int_equal(st.nested_fetches, 2);
+    assert_int_equal(st.parses, 3);
+    nested_free(&n);
+}
+
+static void a_cycle_of_nested_indexes_is_refused(void **state)
+{
+    struct fx *f = *state;
+    struct am_buf b;
+    struct am_digest fake, top;
+    struct am_imageinfo_image img;
+    /* Verified bytes cannot form a cycle (a digest would have to hash to itself), so the
+     * child is stored under a digest that is not its hash. */
+    digest_of_str("not the hash of the child", &fake);
+    index_begin(&b);
+    add_entry(&b, "amd64", P_AMD64, NULL);
+    add_index_entry(&b, &fake, NULL);
+    char *t = index_end(&b);
+    store_manifest(f, REPO, AM_MT_OCI_INDEX_S, t, &top);
+    index_begin(&b);
+    add_entry(&b, "arm64", P_ARM64, NULL);
+    add_index_entry(&b, &top, NULL);
+    char *c = index_end(&b);
+    assert_int_equal(am_metastore_put_manifest(f->ms, UP, REPO, &fake, AM_MT_OCI_INDEX_S, c,
+                                               strlen(c), NULL, NULL),
+                     0);
+
+    assert_int_equal(am_imageinfo_lookup_cached(f->ii, 0, REPO, &top, &img), AM_EMANIFEST_INVALID);
+    struct got g = {0};
+    struct am_imageinfo_waiter *w;
+    struct am_imageinfo_query q = {.up_idx = 0, .repo = REPO, .digest = &top};
+    assert_int_equal(am_imageinfo_get(f->ii, &q, on_got, &g, &w), 0);
+    assert_int_equal(g.calls, 1);
+    assert_int_equal(g.err, AM_EMANIFEST_INVALID);
+    assert_non_null(strstr(g.message, "contains itself"));
+    assert_non_null(strstr(g.message, top.str));
+    free(t);
+    free(c);
+}
+
+/* Stores a chain of `levels` indexes (the top one included) over one amd64 manifest. */
+static void store_chain(struct fx *f, const char *repo, int levels, struct am_digest *top)
+{
+    struct am_buf b;
+    index_begin(&b);
+    add_entry(&b, "deep-amd64", P_AMD64, NULL);
+    char *s = index_end(&b);
+    store_manifest(f, repo, AM_MT_OCI_INDEX_S, s, top);
+    free(s);
+    for (int i = 1; i < levels; i++) {
+        index_begin(&b);
+        add_index_entry(&b, top, NULL);
+        s = index_end(&b);
+        store_manifest(f, repo, AM_MT_OCI_INDEX_S, s, top);
+        free(s);
+    }
+}
+
+static void indexes_nested_deeper_than_the_limit_are_refused(void **state)
+{
+    struct fx *f = *state;
+    struct am_digest ok, deep, leaf;
+    struct am_imageinfo_image img;
+    digest_of_str("deep-amd64", &leaf);
+    store_chain(f, "library/deep-ok", AM_IMAGEINFO_INDEX_DEPTH, &ok);
+    assert_int_equal(am_imageinfo_lookup_cached(f->ii, 0, "library/deep-ok", &ok, &img), 0);
+    assert_int_equal(img.n_platforms, 1);
+    assert_string_equal(fmt(&img.platforms[0].platform), "linux/amd64");
+    assert_string_equal(img.platforms[0].digest.str, leaf.str);
+
+    store_chain(f, "library/deep", AM_IMAGEINFO_INDEX_DEPTH + 1, &deep);
+    assert_int_equal(am_imageinfo_lookup_cached(f->ii, 0, "library/deep", &deep, &img),
+                     AM_EMANIFEST_INVALID);
+    struct got g = {0};
+    struct am_imageinfo_waiter *w;
+    struct am_imageinfo_query q = {.up_idx = 0, .repo = "library/deep", .digest = &deep};
+    assert_int_equal(am_imageinfo_get(f->ii, &q, on_got, &g, &w), 0);
+    assert_int_equal(g.calls, 1);
+    assert_int_equal(g.err, AM_EMANIFEST_INVALID);
+    assert_non_null(strstr(g.message, "more than 4 levels"));
+}
+
+static void more_nested_indexes_than_the_limit_are_refused(void **state)
+{
+    struct fx *f = *state;
+    struct am_buf top;
+    struct am_digest d, last;
+    struct am_imageinfo_image img;
+    index_begin(&top);
+    for (int i = 0; i <= AM_IMAGEINFO_NESTED_MAX; i++) {
+        struct am_buf b;
+        char seed[32];
+        snprintf(seed, sizeof seed, "leaf-%d", i);
+        index_begin(&b);
+        add_entry(&b, seed, P_AMD64, NULL);
+        char *c = index_end(&b);
+        store_manifest(f, REPO, AM_MT_OCI_INDEX_S, c, &d);
+        free(c);
+        if (i < AM_IMAGEINFO_NESTED_MAX) add_index_entry(&top, &d, NULL);
+    }
+    last = d;
+    char *t = index_end(&top);
+    store_manifest(f, REPO, AM_MT_OCI_INDEX_S, t, &d);
+    assert_int_equal(am_imageinfo_lookup_cached(f->ii, 0, REPO, &d, &img), 0); /* at the bound */
+    assert_int_equal(img.n_platforms, 1);
+    free(t);
+
+    /* One more child index. */
+    index_begin(&top);
+    for (int i = 0; i < AM_IMAGEINFO_NESTED_MAX; i++) {
+        char seed[32];
+        struct am_buf b;
+        snprintf(seed, sizeof seed, "leaf-%d", i);
+        index_begin(&b);
+        add_entry(&b, seed, P_AMD64, NULL);
+        char *c = index_end(&b);
+        digest_of_str(c, &d);
+        free(c);
+        add_index_entry(&top, &d, NULL);
+    }
+    add_index_entry(&top, &last, NULL);
+    t = index_end(&top);
+    store_manifest(f, REPO, AM_MT_OCI_INDEX_S, t, &d);
+    assert_int_equal(am_imageinfo_lookup_cached(f->ii, 0, REPO, &d, &img), AM_ETOO_LARGE);
+    free(t);
+}
+
+static void a_nested_entry_that_is_a_manifest_is_refused(void **state)
+{
+    struct fx *f = *state;
+    struct am_buf b;
+    struct am_digest m, top;
+    struct am_imageinfo_image img;
+    char *single = single_manifest("cfg");
+    store_manifest(f, REPO, AM_MT_DOCKER_MANIFEST_S, single, &m);
+    index_begin(&b);
+    add_index_entry(&b, &m, NULL); /* says index; is an image manifest */
+    char *t = index_end(&b);
+    store_manifest(f, REPO, AM_MT_OCI_INDEX_S, t, &top);
+    assert_int_equal(am_imageinfo_lookup_cached(f->ii, 0, REPO, &top, &img), AM_EMANIFEST_INVALID);
+    free(t);
+    free(single);
+}
+
+static void a_child_index_the_upstream_cannot_give_fails_the_query_naming_it(void **state)
+{
+    struct fx *f = *state;
+    make_upstream(f);
+    struct am_buf b;
+    struct am_digest missing, top;
+    digest_of_str("never stored", &missing);
+    index_begin(&b);
+    add_entry(&b, "amd64", P_AMD64, NULL);
+    add_index_entry(&b, &missing, NULL);
+    char *t = index_end(&b);
+    store_manifest(f, REPO, AM_MT_OCI_INDEX_S, t, &top);
+
+    struct got g = {0};
+    struct am_imageinfo_waiter *w = NULL;
+    struct am_imageinfo_query q = {.up_idx = 0, .repo = REPO, .digest = &top};
+    assert_int_equal(am_imageinfo_get(f->ii, &q, on_got, &g, &w), 0);
+    assert_non_null(w); /* waiting for the child, upstream */
+    assert_int_equal(g.calls, 0);
+    /* The upstream is a closed port: the connection is refused on the first turns. */
+    for (int i = 0; i < 1000 && g.calls == 0; i++) uv_run(&f->loop, UV_RUN_ONCE);
+    assert_int_equal(g.calls, 1);
+    assert_int_not_equal(g.err, 0);
+    assert_non_null(strstr(g.message, "nested index"));
+    assert_non_null(strstr(g.message, missing.str));
+    struct am_imageinfo_stats st;
+    am_imageinfo_get_stats(f->ii, &st);
+    assert_int_equal(st.nested_fetches, 1);
+    free(t);
+}
+
+static void a_query_waiting_for_a_child_index_can_be_cancelled_or_freed(void **state)
+{
+    struct fx *f = *state;
+    make_upstream(f);
+    struct nested n;
+    struct am_digest d;
+    nested_make(&n);
+    store_manifest(f, REPO, AM_MT_OCI_INDEX_S, n.top, &d);
+    struct got g1 = {0}, g2 = {0};
+    struct am_imageinfo_waiter *w1 = NULL, *w2 = NULL;
+    struct am_imageinfo_query q = {.up_idx = 0, .repo = REPO, .digest = &n.dtop};
+    assert_int_equal(am_imageinfo_get(f->ii, &q, on_got, &g1, &w1), 0);
+    assert_int_equal(am_imageinfo_get(f->ii, &q, on_got, &g2, &w2), 0);
+    assert_non_null(w1);
+    assert_non_null(w2);
+    am_imageinfo_cancel(w1);
+    am_imageinfo_free(f->ii);
+    f->ii = NULL;
+    assert_int_equal(g1.calls, 0);
+    assert_int_equal(g2.calls, 1);
+    assert_int_equal(g2.err, AM_ECANCELED);
+    nested_free(&n);
+}
+
 int main(void)
 {
     am_log_set_level(AM_LOG_ERROR);
@@ -576,6 +946,14 @@ int main(void)
         T(bad_queries_are_refused_without_calling_back),
         T(a_cancelled_query_never_calls_back),
         T(free_answers_pending_queries_with_ecanceled),
+        T(a_two_level_index_lists_the_leaf_manifests_of_its_child_indexes),
+        T(a_query_reads_stored_child_indexes_through_the_manifests_module),
+        T(a_cycle_of_nested_indexes_is_refused),
+        T(indexes_nested_deeper_than_the_limit_are_refused),
+        T(more_nested_indexes_than_the_limit_are_refused),
+        T(a_nested_entry_that_is_a_manifest_is_refused),
+        T(a_child_index_the_upstream_cannot_give_fails_the_query_naming_it),
+        T(a_query_waiting_for_a_child_index_can_be_cancelled_or_freed),
 #undef T
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,6 +1,7 @@
 /*
  * test_metastore — the LMDB metadata store: round trips, scoping, batching, close,
- * full and read-only stores, corrupt records, freshness.
+ * full and read-only stores, corrupt records, freshness, the manifest budget (LRU
+ * eviction, read times kept in memory and batched).
  *
  * Every test gets a fresh directory (mkdtemp under $AM_TEST_TMP or /tmp) and its own
  * loop, and ends by closing the store and asserting uv_loop_close() == 0: the store must
@@ -23,6 +24,7 @@
 
 #include <cmocka.h>
 
+#include "archmirror/config.h"
 #include "archmirror/digest.h"
 #include "archmirror/error.h"
 #include "archmirror/log.h"
@@ -728,8 +730,10 @@ static void evicts_the_oldest_manifests_when_the_map_fills(void **state)
     }
     struct am_metastore_stats st;
     am_metastore_get_stats(f->ms, &st);
-    assert_true(st.evicted > 0);
+    assert_true(st.evicted_map_full > 0);
+    assert_int_equal(st.evicted, 0); /* no budget: only the map bounds it */
     assert_int_equal(st.failed, 0);
+    assert_int_equal(st.manifests + st.evicted_map_full, N); /* the index followed */
     /* The newest is there, the first went. */
     assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", "library/e", &d[N - 1], &rec),
                      0);
@@ -1313,6 +1317,386 @@ static void reads_now_from_the_wall_clock_in_milliseconds(void **state)
     assert_true(lo <= now && now <= hi);
 }
 
+/* ---- the manifest budget ---- */
+
+#define LRU_REPO "library/lru"
+#define LRU_LEN  300
+
+/* Puts manifest i of LRU_REPO (LRU_LEN bytes, all records the same size) and commits it. */
+static void put_lru(struct fixture *f, int i, struct am_digest *d)
+{
+    char body[LRU_LEN];
+    memset(body, ' ', sizeof body);
+    snprintf(body, sizeof body, "{\"n\":%d}", i);
+    am_digest_of(AM_DIGEST_SHA256, body, sizeof body, d);
+    assert_int_equal(
+        put_manifest_now(f, "docker.io", LRU_REPO, d, AM_MT_OCI_MANIFEST_S, body, sizeof body), 0);
+}
+
+static int get_lru(struct fixture *f, const struct am_digest *d)
+{
+    struct am_manifest_rec rec;
+    int rc = am_metastore_get_manifest(f->ms, "docker.io", LRU_REPO, d, &rec);
+    if (rc == 0) assert_int_equal(rec.len, LRU_LEN);
+    am_manifest_rec_cleanup(&rec);
+    return rc;
+}
+
+static struct am_metastore_stats stats_of(struct fixture *f)
+{
+    struct am_metastore_stats st;
+    am_metastore_get_stats(f->ms, &st);
+    return st;
+}
+
+/* The bytes one put_lru record counts against the budget (key and value as stored). */
+static uint64_t lru_record_bytes(void)
+{
+    return (sizeof "docker.io" + sizeof LRU_REPO + strlen("sha256:") + 64) +
+           (24 + strlen(AM_MT_OCI_MANIFEST_S) + LRU_LEN);
+}
+
+/* Sums key and value lengths of the "manifests" DB with the LMDB API; store closed. */
+static uint64_t raw_manifest_bytes(const char *dir, size_t *count)
+{
+    char path[4200];
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    MDB_cursor *cur;
+    MDB_val k, v;
+    uint64_t sum = 0;
+    *count = 0;
+    snprintf(path, sizeof path, "%s/meta.lmdb", dir);
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 8), 0);
+    assert_int_equal(mdb_env_open(env, path, MDB_NOSUBDIR | MDB_RDONLY, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, MDB_RDONLY, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, "manifests", 0, &dbi), 0);
+    assert_int_equal(mdb_cursor_open(txn, dbi, &cur), 0);
+    for (int rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        sum += k.mv_size + v.mv_size;
+        (*count)++;
+    }
+    mdb_cursor_close(cur);
+    mdb_txn_abort(txn);
+    mdb_env_close(env);
+    return sum;
+}
+
+static void counts_manifest_keys_and_values_against_the_budget(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest d;
+    open_store(f, 0);
+    assert_int_equal(stats_of(f).manifest_bytes, 0);
+    put_lru(f, 0, &d);
+    assert_int_equal(stats_of(f).manifests, 1);
+    assert_int_equal(stats_of(f).manifest_bytes, lru_record_bytes());
+    put_lru(f, 0, &d); /* the same manifest again: counted once */
+    assert_int_equal(stats_of(f).manifest_bytes, lru_record_bytes());
+    struct am_tag_rec t = tag_rec(1, 1);
+    assert_int_equal(put_tag_now(f, "docker.io", LRU_REPO, "latest", &t), 0); /* not counted */
+    assert_int_equal(stats_of(f).manifest_bytes, lru_record_bytes());
+    close_store(f);
+    size_t n;
+    assert_int_equal(raw_manifest_bytes(f->dir, &n), lru_record_bytes());
+    assert_int_equal(n, 1);
+    finish(f);
+}
+
+static void evicts_the_least_recently_read_manifests_first(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest d[11];
+    uint64_t r = lru_record_bytes();
+    open_store(f, 0);
+    /* Eviction above 10 records, down to 8. */
+    assert_int_equal(am_metastore_set_budget(f->ms, 10 * r, 100, 80), 0);
+    for (int i = 0; i < 10; i++) put_lru(f, i, &d[i]);
+    assert_int_equal(stats_of(f).evicted, 0);
+    /* Read the two oldest: they become the most recently used. */
+    assert_int_equal(get_lru(f, &d[0]), 0);
+    assert_int_equal(get_lru(f, &d[1]), 0);
+
+    put_lru(f, 10, &d[10]); /* 11 records: over the high watermark */
+    struct am_metastore_stats st = stats_of(f);
+    assert_int_equal(st.evicted, 3);
+    assert_int_equal(st.evicted_bytes, 3 * r);
+    assert_int_equal(st.manifests, 8);
+    assert_int_equal(st.manifest_bytes, 8 * r);
+    /* The least recently used went (2, 3, 4); the recently read and the newer stayed. */
+    for (int i = 0; i <= 10; i++) {
+        int want = i >= 2 && i <= 4 ? AM_ENOT_FOUND : 0;
+        if (get_lru(f, &d[i]) != want) fail_msg("manifest %d: expected %s", i, am_error_name(want));
+    }
+    close_store(f);
+    size_t n;
+    assert_int_equal(raw_manifest_bytes(f->dir, &n), 8 * r);
+    assert_int_equal(n, 8);
+    finish(f);
+}
+
+static void reads_an_evicted_manifest_as_not_found_before_the_delete_commits(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest d[4];
+    struct am_manifest_rec rec;
+    struct call c = {.f = f};
+    uint64_t r = lru_record_bytes();
+    open_store(f, 0);
+    assert_int_equal(am_metastore_set_budget(f->ms, 3 * r, 100, 100), 0);
+    for (int i = 0; i < 3; i++) put_lru(f, i, &d[i]);
+
+    char body[LRU_LEN];
+    memset(body, ' ', sizeof body);
+    snprintf(body, sizeof body, "{\"n\":%d}", 3);
+    am_digest_of(AM_DIGEST_SHA256, body, sizeof body, &d[3]);
+    assert_int_equal(am_metastore_put_manifest(f->ms, "docker.io", LRU_REPO, &d[3],
+                                               AM_MT_OCI_MANIFEST_S, body, sizeof body, on_put, &c),
+                     0);
+    /* Nothing has run yet: the eviction is queued, and already visible. */
+    assert_int_equal(c.calls, 0);
+    assert_int_equal(am_metastore_get_manifest(f->ms, "docker.io", LRU_REPO, &d[0], &rec),
+                     AM_ENOT_FOUND);
+    assert_int_equal(get_lru(f, &d[3]), 0);
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(c.calls, 1);
+    assert_int_equal(c.status, 0);
+    assert_int_equal(get_lru(f, &d[0]), AM_ENOT_FOUND);
+    /* The eviction is not a caller's write. */
+    assert_int_equal(stats_of(f).puts, 4);
+    assert_int_equal(stats_of(f).committed, 4);
+    close_store(f);
+    open_store(f, 0);
+    assert_int_equal(get_lru(f, &d[0]), AM_ENOT_FOUND);
+    assert_int_equal(get_lru(f, &d[1]), 0);
+    finish(f);
+}
+
+static void keeps_the_manifest_total_under_the_budget(void **state)
+{
+    struct fixture *f = *state;
+    enum { N = 120, MAX = 16 << 10 };
+    char body[2000];
+    struct am_digest d;
+    open_store(f, 0);
+    assert_int_equal(am_metastore_set_budget(f->ms, MAX, 95, 90), 0);
+    for (int i = 0; i < N; i++) {
+        size_t len = 100 + (size_t)(i * 37) % 1500; /* assorted sizes */
+        memset(body, 'x', len);
+        snprintf(body, 32, "{\"n\":%d}", i);
+        am_digest_of(AM_DIGEST_SHA256, body, len, &d);
+        /* Several puts per batch, and their evictions with them. */
+        assert_int_equal(am_metastore_put_manifest(f->ms, "docker.io", "library/many", &d,
+                                                   AM_MT_OCI_MANIFEST_S, body, len, NULL, NULL),
+                         0);
+        assert_true(stats_of(f).manifest_bytes <= MAX * 95 / 100);
+        if (i % 7 == 0) assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    }
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    struct am_metastore_stats st = stats_of(f);
+    assert_true(st.evicted > 0);
+    assert_int_equal(st.failed, 0);
+    assert_int_equal(st.manifests + st.evicted, N);
+    close_store(f);
+    size_t n;
+    uint64_t on_disk = raw_manifest_bytes(f->dir, &n);
+    assert_int_equal(on_disk, st.manifest_bytes); /* the running total is what LMDB holds */
+    assert_int_equal(n, st.manifests);
+    assert_true(on_disk <= MAX);
+    open_store(f, 0); /* the index rebuilt at open agrees */
+    assert_int_equal(stats_of(f).manifest_bytes, on_disk);
+    assert_int_equal(stats_of(f).manifests, n);
+    finish(f);
+}
+
+static void records_reads_in_memory_and_writes_them_with_the_next_batch(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest d[2];
+    open_store(f, 0);
+    put_lru(f, 0, &d[0]);
+    struct am_metastore_stats before = stats_of(f);
+    for (int i = 0; i < 100; i++) assert_int_equal(get_lru(f, &d[0]), 0);
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    struct am_metastore_stats after = stats_of(f);
+    assert_int_equal(after.write_txns, before.write_txns); /* no write per read */
+    assert_int_equal(after.access_records, 0);
+    put_lru(f, 1, &d[1]); /* the read time rides along */
+    after = stats_of(f);
+    assert_int_equal(after.write_txns, before.write_txns + 1);
+    assert_int_equal(after.access_records, 1);
+    finish(f);
+}
+
+static void writes_read_times_on_their_own_once_enough_have_accumulated(void **state)
+{
+    struct fixture *f = *state;
+    enum { N = 300 };
+    struct am_digest *d = calloc(N, sizeof *d);
+    char body[LRU_LEN];
+    assert_non_null(d);
+    open_store(f, 0);
+    for (int i = 0; i < N; i++) {
+        memset(body, ' ', sizeof body);
+        snprintf(body, sizeof body, "{\"n\":%d}", i);
+        am_digest_of(AM_DIGEST_SHA256, body, sizeof body, &d[i]);
+        assert_int_equal(am_metastore_put_manifest(f->ms, "docker.io", LRU_REPO, &d[i],
+                                                   AM_MT_OCI_MANIFEST_S, body, sizeof body, NULL,
+                                                   NULL),
+                         0);
+    }
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    uint64_t txns = stats_of(f).write_txns;
+    for (int i = 0; i < N; i++) assert_int_equal(get_lru(f, &d[i]), 0);
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    /* The 256th distinct read started one batch of 256 read times; 44 wait. */
+    assert_int_equal(stats_of(f).write_txns, txns + 1);
+    assert_int_equal(stats_of(f).access_records, 256);
+    free(d);
+    finish(f);
+}
+
+/* Writes an access record (u64 LE ms) for manifest d of LRU_REPO; store closed. */
+static void raw_access(struct fixture *f, const struct am_digest *d, uint64_t ms)
+{
+    char key[256];
+    unsigned char v[8];
+    int n = snprintf(key, sizeof key, "docker.io%c" LRU_REPO "%c%s", 0, 0, d->str);
+    for (int i = 0; i < 8; i++) v[i] = (unsigned char)(ms >> (8 * i));
+    raw_put(f->dir, "access", key, (size_t)n, v, sizeof v);
+}
+
+static void remembers_the_order_of_use_across_a_restart(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest d[4];
+    uint64_t r = lru_record_bytes();
+    open_store(f, 0);
+    for (int i = 0; i < 4; i++) put_lru(f, i, &d[i]);
+    close_store(f);
+    /* Last used: 2 (oldest), 0, 3, 1 (newest). */
+    raw_access(f, &d[2], 1000);
+    raw_access(f, &d[0], 2000);
+    raw_access(f, &d[3], 3000);
+    raw_access(f, &d[1], 4000);
+    open_store(f, 0);
+    assert_int_equal(stats_of(f).manifest_bytes, 4 * r);
+    /* A budget below what is stored evicts at once, least recently used first. */
+    assert_int_equal(am_metastore_set_budget(f->ms, 2 * r, 100, 100), 0);
+    assert_int_equal(stats_of(f).evicted, 2);
+    assert_int_equal(get_lru(f, &d[2]), AM_ENOT_FOUND);
+    assert_int_equal(get_lru(f, &d[0]), AM_ENOT_FOUND);
+    assert_int_equal(get_lru(f, &d[3]), 0);
+    assert_int_equal(get_lru(f, &d[1]), 0);
+    finish(f);
+}
+
+static void keeps_the_tag_of_an_evicted_manifest(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest d[3];
+    struct am_tag_rec t, out;
+    uint64_t r = lru_record_bytes();
+    open_store(f, 0);
+    assert_int_equal(am_metastore_set_budget(f->ms, 2 * r, 100, 50), 0);
+    put_lru(f, 0, &d[0]);
+    memset(&t, 0, sizeof t);
+    t.digest = d[0];
+    snprintf(t.media_type, sizeof t.media_type, "%s", AM_MT_OCI_MANIFEST_S);
+    t.size = LRU_LEN;
+    t.fetched_at_ms = 5;
+    assert_int_equal(put_tag_now(f, "docker.io", LRU_REPO, "v1", &t), 0);
+    put_lru(f, 1, &d[1]);
+    put_lru(f, 2, &d[2]); /* over 2 records: down to 1 */
+    assert_int_equal(get_lru(f, &d[0]), AM_ENOT_FOUND);
+    assert_int_equal(am_metastore_get_tag(f->ms, "docker.io", LRU_REPO, "v1", &out), 0);
+    assert_tag_equal(&out, &t); /* the caller fetches d[0] again by digest */
+    finish(f);
+}
+
+static void refuses_a_manifest_larger_than_the_low_watermark(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest d;
+    struct call c = {.f = f};
+    char body[LRU_LEN];
+    uint64_t r = lru_record_bytes();
+    memset(body, ' ', sizeof body);
+    am_digest_of(AM_DIGEST_SHA256, body, sizeof body, &d);
+    open_store(f, 0);
+    assert_int_equal(am_metastore_set_budget(f->ms, 2 * r - 2, 100, 50), 0);
+    assert_int_equal(am_metastore_put_manifest(f->ms, "docker.io", LRU_REPO, &d,
+                                               AM_MT_OCI_MANIFEST_S, body, sizeof body, on_put, &c),
+                     AM_ETOO_LARGE);
+    assert_int_equal(stats_of(f).manifests, 0);
+    assert_int_equal(am_metastore_set_budget(f->ms, 2 * r, 100, 50), 0); /* exactly fits */
+    assert_int_equal(
+        put_manifest_now(f, "docker.io", LRU_REPO, &d, AM_MT_OCI_MANIFEST_S, body, sizeof body), 0);
+    assert_int_equal(c.calls, 0); /* the refused put never calls back */
+    assert_int_equal(stats_of(f).manifests, 1);
+    finish(f);
+}
+
+static void rejects_a_budget_with_watermarks_out_of_order(void **state)
+{
+    struct fixture *f = *state;
+    open_store(f, 0);
+    assert_int_equal(am_metastore_set_budget(f->ms, 1000, 0, 0), AM_EINVAL);
+    assert_int_equal(am_metastore_set_budget(f->ms, 1000, 101, 90), AM_EINVAL);
+    assert_int_equal(am_metastore_set_budget(f->ms, 1000, 90, 95), AM_EINVAL);
+    assert_int_equal(am_metastore_set_budget(f->ms, 1000, 90, 0), AM_EINVAL);
+    assert_int_equal(am_metastore_set_budget(f->ms, 0, 95, 90), 0); /* unbounded */
+    finish(f);
+}
+
+static void forgets_a_manifest_whose_batch_failed(void **state)
+{
+    struct fixture *f = *state;
+    struct am_digest d;
+    char *big = malloc(BIG_LEN);
+    assert_non_null(big);
+    memset(big, '{', BIG_LEN);
+    am_digest_of(AM_DIGEST_SHA256, big, BIG_LEN, &d);
+    open_store(f, TINY_MAP);
+    assert_int_equal(
+        put_manifest_now(f, "docker.io", "library/f", &d, AM_MT_OCI_MANIFEST_S, big, BIG_LEN),
+        AM_ESTORE_FULL);
+    assert_int_equal(stats_of(f).manifests, 0);
+    assert_int_equal(stats_of(f).manifest_bytes, 0);
+    free(big);
+    finish(f);
+}
+
+static void config_refuses_a_manifest_budget_not_below_the_map(void **state)
+{
+    (void)state;
+    struct am_config cfg;
+    struct am_config_report r;
+    const char *cases[][2] = {
+        {"{\"cache\": {\"metastore_map_size\": \"64MiB\", \"manifest_max_size\": \"64MiB\"}}", "1"},
+        {"{\"cache\": {\"metastore_map_size\": \"64MiB\", \"manifest_max_size\": \"1GiB\"}}", "1"},
+        {"{\"cache\": {\"metastore_map_size\": \"64MiB\", \"manifest_max_size\": \"32MiB\"}}", "0"},
+        {"{\"cache\": {\"metastore_map_size\": \"2MiB\"}}", "0"}, /* 0: half the map */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        assert_int_equal(am_config_init_defaults(&cfg), 0);
+        assert_int_equal(am_config_load_string(&cfg, cases[i][0], &r), 0);
+        int rc = am_config_validate(&cfg, &r);
+        if (cases[i][1][0] == '1') {
+            assert_int_equal(rc, AM_ECONFIG);
+            assert_int_equal(r.total, 1);
+            assert_string_equal(r.problems[0].path, "$.cache.manifest_max_size");
+            assert_non_null(strstr(r.problems[0].message, "metastore_map_size (64MiB)"));
+        } else {
+            assert_int_equal(rc, 0);
+        }
+        am_config_cleanup(&cfg);
+    }
+}
+
 int main(void)
 {
     /* Failure paths log at WARN by design; keep test output to the cmocka report. */
@@ -1351,6 +1735,18 @@ int main(void)
         T(adds_the_platforms_database_to_an_older_store),
         T(refuses_a_newer_schema_version),
         T(refuses_a_file_that_is_not_an_lmdb_store),
+        T(counts_manifest_keys_and_values_against_the_budget),
+        T(evicts_the_least_recently_read_manifests_first),
+        T(reads_an_evicted_manifest_as_not_found_before_the_delete_commits),
+        T(keeps_the_manifest_total_under_the_budget),
+        T(records_reads_in_memory_and_writes_them_with_the_next_batch),
+        T(writes_read_times_on_their_own_once_enough_have_accumulated),
+        T(remembers_the_order_of_use_across_a_restart),
+        T(keeps_the_tag_of_an_evicted_manifest),
+        T(refuses_a_manifest_larger_than_the_low_watermark),
+        T(rejects_a_budget_with_watermarks_out_of_order),
+        T(forgets_a_manifest_whose_batch_failed),
+        cmocka_unit_test(config_refuses_a_manifest_budget_not_below_the_map),
         cmocka_unit_test(treats_a_tag_as_fresh_strictly_inside_the_window),
         cmocka_unit_test(treats_a_tag_fetched_in_the_future_as_stale),
         cmocka_unit_test(reads_now_from_the_wall_clock_in_milliseconds),

@@ -180,6 +180,21 @@ static void never_puts_the_token_in_the_message(void **state)
     assert_int_equal(parse("{\"token\":\"SECRET\\u0001\"}", &tok, &ttl, msg),
                      AM_EUPSTREAM_PROTOCOL);
     assert_null(strstr(msg, "SECRET"));
+    /* Not JSON: jansson's reason quotes a short lexeme near the error ("near '\"SECRET'"). */
+    const char *broken[] = {
+        "{\"token\" \"SECRET\"}",     /* ':' expected near '"SECRET"' */
+        "{\"token\":\"SECRET\x01\"}", /* control character near '"SECRET' */
+        "{\"token\":\"SECRET\n\"}",   /* unexpected newline near '"SECRET' */
+        "{\"token\":\"SECRET\\q\"}",  /* invalid escape */
+        "[\"SECRET\" \"x\"]",         /* ']' expected near '"x"' */
+        "{\"token\":SECRET}",         /* invalid token near 'S' */
+    };
+    for (size_t i = 0; i < sizeof broken / sizeof broken[0]; i++) {
+        assert_int_equal(parse(broken[i], &tok, &ttl, msg), AM_EUPSTREAM_PROTOCOL);
+        assert_non_null(strstr(msg, "not JSON"));
+        assert_null(strstr(msg, "SECRET"));
+        assert_null(strstr(msg, "SEC"));
+    }
 }
 
 static void rejects_an_overlong_token(void **state)

@@ -30,10 +30,11 @@ class Archmirror:
 
     upstreams: list of (name, url) (first one = default upstream); upstream_ca:
     list of (name, file); config: dict written to <workdir>/<name>-config.json and
-    passed with --config. stderr goes to <workdir>/<name>.stderr."""
+    passed with --config. stderr goes to <workdir>/<name>.stderr. env: variables added to
+    (or, with value None, removed from) this process's environment for the binary."""
 
     def __init__(self, workdir, upstreams=(), upstream_ca=(), config=None, name="archmirror",
-                 log_level="debug", extra_args=(), data_dir=None):
+                 log_level="debug", extra_args=(), data_dir=None, env=None, tls_ca=None):
         self.workdir = workdir
         self.name = name
         self.upstreams = list(upstreams)
@@ -42,6 +43,10 @@ class Archmirror:
         self.log_level = log_level
         self.extra_args = list(extra_args)
         self.data_dir = data_dir or os.path.join(workdir, name + "-data")
+        self.env = dict(env or {})
+        # tls_ca: the registry listener speaks HTTPS (server.tls_* in config) with a
+        # certificate this CA file verifies; readiness and url use https then.
+        self.tls_ca = tls_ca
         self.port = None
         self.proc = None
         self.exit_status = None
@@ -49,7 +54,14 @@ class Archmirror:
 
     @property
     def url(self):
-        return "http://127.0.0.1:%d" % self.port
+        return "%s://127.0.0.1:%d" % ("https" if self.tls_ca else "http", self.port)
+
+    def ssl_context(self):
+        """A client context that trusts tls_ca (None without TLS)."""
+        if not self.tls_ca:
+            return None
+        import ssl
+        return ssl.create_default_context(cafile=self.tls_ca)
 
     @property
     def hostport(self):
@@ -81,10 +93,11 @@ class Archmirror:
                 self.port = proc.free_port()
             self.starts += 1
             pname = self.name if self.starts == 1 else "%s.%d" % (self.name, self.starts)
-            self.proc = proc.spawn(self.argv(), pname, self.workdir)
+            self.proc = proc.spawn(self.argv(), pname, self.workdir, env=self.environ())
             try:
                 proc.wait_http_ready(
                     self.port, "/v2/", proc=self.proc, timeout=timeout,
+                    https_context=self.ssl_context(),
                     check=lambda r, b: r.getheader("Docker-Distribution-API-Version") ==
                     "registry/2.0")
                 return self
@@ -97,6 +110,18 @@ class Archmirror:
                     continue
                 raise
         return self
+
+    def environ(self):
+        """The binary's environment: None (inherit) unless env was given."""
+        if not self.env:
+            return None
+        e = dict(os.environ)
+        for k, v in self.env.items():
+            if v is None:
+                e.pop(k, None)
+            else:
+                e[k] = v
+        return e
 
     def log(self):
         return self.proc.stderr_text() if self.proc else ""

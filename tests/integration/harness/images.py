@@ -188,9 +188,37 @@ def docker_single_image(seed="single"):
     return {"kind": "docker-single", "top": amd["manifest"], "children": {}, "image": amd}
 
 
+def nested_index_image(seed="nested"):
+    """(d) OCI index of indexes. children holds the leaf manifests, indexes the child
+    indexes (in push order: after the leaves, before the top):
+      top: [A (no platform), B (platform linux/arm/v7)]
+      A:   linux/amd64 + linux/arm64/v8 OCI manifests + attestation
+      B:   one arm/v7 OCI manifest whose descriptor carries no platform (it inherits B's)
+    containerd on arm/v7 pulls B's manifest, on amd64/arm64 A's."""
+    amd = single_manifest(seed, "amd64", oci=True)
+    arm64 = single_manifest(seed, "arm64", "v8", oci=True)
+    arm7 = single_manifest(seed, "arm", "v7", oci=True)
+    att = attestation_manifest(seed, amd["manifest"].digest)
+    a = Blob(canonical({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        amd["manifest"].descriptor(platform=amd["platform"]),
+        arm64["manifest"].descriptor(platform=arm64["platform"]),
+        att["manifest"].descriptor(
+            platform={"architecture": "unknown", "os": "unknown"},
+            annotations={"vnd.docker.reference.digest": amd["manifest"].digest,
+                         "vnd.docker.reference.type": "attestation-manifest"}),
+    ]}), OCI_INDEX)
+    b = Blob(canonical({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                        "manifests": [arm7["manifest"].descriptor()]}), OCI_INDEX)
+    top = Blob(canonical({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        a.descriptor(), b.descriptor(platform=arm7["platform"])]}), OCI_INDEX)
+    return {"kind": "oci-nested", "top": top, "indexes": [a, b],
+            "children": {"linux/amd64": amd, "linux/arm64": arm64, "linux/arm/v7": arm7,
+                         "attestation": att}}
+
+
 def all_manifests(img):
-    """Every manifest Blob of an image (top first)."""
-    out = [img["top"]]
+    """Every manifest Blob of an image (top first, then child indexes, then leaves)."""
+    out = [img["top"]] + list(img.get("indexes", ()))
     for c in img["children"].values():
         out.append(c["manifest"])
     return out
@@ -222,6 +250,8 @@ def summary(img):
         out["children"][k] = {"manifest": c["manifest"].as_dict(),
                               "config": c["config"].as_dict(),
                               "layers": [l.as_dict() for l in c["layers"]]}
+    if "indexes" in img:
+        out["indexes"] = [i.as_dict() for i in img["indexes"]]
     if "image" in img:
         out["config"] = img["image"]["config"].as_dict()
         out["layers"] = [l.as_dict() for l in img["image"]["layers"]]

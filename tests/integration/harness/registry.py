@@ -1,4 +1,5 @@
 """Debian docker-registry (distribution 2.8.2) runner and an OCI push/pull client."""
+import base64
 import http.client
 import json
 import os
@@ -19,14 +20,22 @@ class Registry:
     """docker-registry serve <generated config> on 127.0.0.1:<free port>.
 
     tls=(cert, key) serves HTTPS. token=dict(realm=, service=, issuer=, rootcertbundle=)
-    turns on `auth: token`. Storage lives in <workdir>/<name>-storage and survives
-    stop()/start() (so an upstream can be taken down and brought back)."""
+    turns on `auth: token`; htpasswd=<file> turns on `auth: htpasswd` (bcrypt entries, realm
+    HTPASSWD_REALM) instead. log_level: distribution's log level. Storage lives in
+    <workdir>/<name>-storage and survives stop()/start() (so an upstream can be taken down
+    and brought back)."""
 
-    def __init__(self, workdir, name="registry", tls=None, token=None, port=None):
+    HTPASSWD_REALM = "archmirror-test-basic"
+
+    def __init__(self, workdir, name="registry", tls=None, token=None, port=None,
+                 htpasswd=None, log_level="warn"):
+        assert not (token and htpasswd), "one auth method"
         self.workdir = workdir
         self.name = name
         self.tls = tls
         self.token = token
+        self.htpasswd = htpasswd
+        self.log_level = log_level
         self.port = port
         self.proc = None
         self.storage = os.path.join(workdir, name + "-storage")
@@ -49,7 +58,7 @@ class Registry:
         lines = [
             "version: 0.1",
             "log:",
-            "  level: warn",
+            "  level: %s" % self.log_level,
             "  accesslog:",
             "    disabled: true",
             "storage:",
@@ -76,6 +85,10 @@ class Registry:
                       "    service: %s" % _yaml_str(t["service"]),
                       "    issuer: %s" % _yaml_str(t["issuer"]),
                       "    rootcertbundle: %s" % _yaml_str(t["rootcertbundle"])]
+        if self.htpasswd:
+            lines += ["auth:", "  htpasswd:",
+                      "    realm: %s" % _yaml_str(self.HTPASSWD_REALM),
+                      "    path: %s" % _yaml_str(self.htpasswd)]
         with open(self.config_path, "w") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -118,8 +131,9 @@ class Registry:
         self.proc = None
         return rc
 
-    def client(self, token_auth=None):
-        return OCIClient("127.0.0.1", self.port, tls=bool(self.tls))
+    def client(self, token_auth=None, basic=None):
+        """basic=(user, password): sent as Authorization: Basic on every request."""
+        return OCIClient("127.0.0.1", self.port, tls=bool(self.tls), basic=basic)
 
 
 class HTTPError(Exception):
@@ -140,8 +154,11 @@ class OCIClient:
     """Minimal OCI distribution client over http.client (push + get), with Bearer
     token support (anonymous token request, as the docker token spec allows)."""
 
-    def __init__(self, host, port, tls=False, ssl_context=None, timeout=30):
+    def __init__(self, host, port, tls=False, ssl_context=None, timeout=30, basic=None):
         self.host = host
+        self.basic = None
+        if basic:
+            self.basic = "Basic " + base64.b64encode(("%s:%s" % basic).encode()).decode()
         self.port = port
         self.tls = tls
         self.timeout = timeout
@@ -188,6 +205,8 @@ class OCIClient:
             tok = self.tokens.get(scope)
             if tok:
                 h["Authorization"] = "Bearer " + tok
+            elif self.basic:
+                h["Authorization"] = self.basic
             c = self._conn()
             try:
                 c.request(method, path, body=body, headers=h)
@@ -236,13 +255,25 @@ class OCIClient:
             raise AssertionError("registry computed %s for manifest %s" % (got, blob.digest))
 
     def push_image(self, repo, tag, img):
-        """Pushes blobs, child manifests (by digest), then the top manifest by tag."""
+        """Pushes blobs, child manifests (by digest), child indexes of a nested index (by
+        digest, in order: distribution checks an index's entries exist), then the top
+        manifest by tag."""
         for b in images.all_blobs(img):
             self.push_blob(repo, b)
         for c in img["children"].values():
             self.push_manifest(repo, c["manifest"].digest, c["manifest"])
+        for i in img.get("indexes", ()):
+            self.push_manifest(repo, i.digest, i)
         self.push_manifest(repo, tag, img["top"])
         return img
+
+    def delete_manifest(self, repo, digest):
+        """DELETE by digest (the test registry has storage.delete enabled)."""
+        path = "/v2/%s/manifests/%s" % (repo, digest)
+        st, reason, h, data = self.request("DELETE", path,
+                                           scope="repository:%s:pull,push,delete" % repo)
+        if st != 202:
+            raise HTTPError("DELETE", path, st, reason, data)
 
     def get_manifest(self, repo, ref, accept=images.ALL_MANIFEST_TYPES, method="GET"):
         return self.request(method, "/v2/%s/manifests/%s" % (repo, ref),

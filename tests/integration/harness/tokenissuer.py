@@ -5,6 +5,11 @@ GET /token?service=S&scope=repository:NAME:pull[,push][&scope=...] answers
 ES256-signed; its header carries "kid" in libtrust format (so distribution finds the
 key through the certificate in rootcertbundle) and, optionally, "x5c".
 Requests are counted per scope string (and per User-Agent) for assertions.
+
+Optional: credentials={user: password} checks an Authorization: Basic header (a wrong one
+gets 401; none gets an anonymous token unless require_credentials); every token made is
+kept in `issued` (so a test can look for it where it must not be); mangle=f(token) -> bytes
+answers 200 with that body instead of the JSON document (a broken issuer).
 """
 import base64
 import collections
@@ -41,7 +46,7 @@ def libtrust_kid(public_key):
 class TokenIssuer:
     def __init__(self, workdir, service="archmirror-test-registry",
                  issuer="archmirror-test-issuer", expires_in=300, use_x5c=False,
-                 grant_push=True):
+                 grant_push=True, credentials=None, require_credentials=False):
         self.workdir = workdir
         self.service = service
         self.issuer = issuer
@@ -65,6 +70,11 @@ class TokenIssuer:
         self.requests = []                       # (scopes tuple, user-agent, auth header)
         self.scope_counts = collections.Counter()
         self.fail_with = None                    # int status to answer instead of a token
+        self.credentials = dict(credentials or {})   # user -> password (Basic)
+        self.require_credentials = require_credentials
+        self.mangle = None                       # f(token str) -> body bytes (status 200)
+        self.issued = []                         # every token made, in order
+        self.subjects = []                       # (subject, scopes) per token answered
         self.server = None
         self.thread = None
 
@@ -92,7 +102,25 @@ class TokenIssuer:
         der = self.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
         sig = r.to_bytes(32, "big") + s.to_bytes(32, "big")
-        return signing_input + "." + b64url(sig)
+        tok = signing_input + "." + b64url(sig)
+        with self.lock:
+            self.issued.append(tok)
+        return tok
+
+    def check_basic(self, header):
+        """(ok, subject) for an Authorization header value (None: anonymous)."""
+        if not header:
+            return (not self.require_credentials), "anonymous"
+        scheme, _, b64 = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False, None
+        try:
+            user, sep, pw = base64.b64decode(b64, validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False, None
+        if not sep or self.credentials.get(user) != pw:
+            return False, None
+        return True, user
 
     # -- server ------------------------------------------------------------------------
     def start(self):
@@ -119,14 +147,25 @@ class TokenIssuer:
                     return self._send(issuer.fail_with, {"details": "configured failure"})
                 if q.get("service", [""])[0] != issuer.service:
                     return self._send(400, {"details": "unknown service"})
-                tok = issuer.make_token(scopes)
+                ok, subject = True, "anonymous"
+                if issuer.credentials or issuer.require_credentials:
+                    ok, subject = issuer.check_basic(self.headers.get("Authorization"))
+                if not ok:
+                    return self._send(401, {"details": "incorrect username or password"})
+                tok = issuer.make_token(scopes, subject=subject)
+                with issuer.lock:
+                    issuer.subjects.append((subject, scopes))
+                if issuer.mangle is not None:
+                    return self._send_raw(200, issuer.mangle(tok))
                 issued = datetime.datetime.now(datetime.timezone.utc).strftime(
                     "%Y-%m-%dT%H:%M:%SZ")
                 self._send(200, {"token": tok, "access_token": tok,
                                  "expires_in": issuer.expires_in, "issued_at": issued})
 
             def _send(self, status, doc):
-                body = json.dumps(doc).encode()
+                self._send_raw(status, json.dumps(doc).encode())
+
+            def _send_raw(self, status, body):
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
