@@ -33,6 +33,7 @@ import asyncio
 import collections
 import json
 import re
+import socket
 import sys
 import time
 import urllib.parse
@@ -319,10 +320,18 @@ async def main():
     ap.add_argument("--control", type=int, required=True)
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--mbps", type=float, default=1000.0, help="downstream link, 0 = unlimited")
+    ap.add_argument("--bind", default="127.0.0.1",
+                    help="address of the listeners and the control port (0.0.0.0 in a Pod)")
     a = ap.parse_args()
     Conf.rtt = a.rtt_ms / 1000
     Conf.mbps = a.mbps
     host, port = a.upstream.rsplit(":", 1)
+    # Resolved once: a name looked up on every new connection (a Service in a cluster)
+    # would add a DNS round trip that is not part of the emulated WAN.
+    try:
+        host = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except OSError as e:
+        sys.exit("relay: cannot resolve %s: %s" % (host, e))
     links = {}
     servers = []
     for spec in a.listen:
@@ -330,9 +339,9 @@ async def main():
         link = links[name] = Link(name)
         servers.append(await asyncio.start_server(
             lambda r, w, link=link: handle(link, host, int(port), r, w),
-            "127.0.0.1", int(lport), backlog=1024, limit=1 << 20))
+            a.bind, int(lport), backlog=1024, limit=1 << 20))
     servers.append(await asyncio.start_server(
-        lambda r, w: control(links, r, w), "127.0.0.1", a.control))
+        lambda r, w: control(links, r, w), a.bind, a.control))
     print("relay: ready", flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 

@@ -1442,7 +1442,7 @@ class BenchKitTest(unittest.TestCase):
 
     def test_scripts(self):
         import py_compile
-        scripts = ["kitlib.py", "seed.py", "eksbench.py", "relay-bind.py", "compare.py",
+        scripts = ["kitlib.py", "seed.py", "eksbench.py", "compare.py",
                    "rehearse.py"]
         for f in scripts:
             with self.subTest(script=f):
@@ -1541,9 +1541,10 @@ class BenchKitTest(unittest.TestCase):
             cp = subprocess.run(["/usr/bin/python3", "-I", "-B", "-c", code], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, timeout=60, cwd=img)
             self.assertEqual(cp.stdout.strip(), "ok", "the bench image lacks a module:\n" + cp.stdout)
-            for script in ("seed.py", "eksbench.py", "relay-bind.py", "compare.py"):
+            for script in ("deploy/bench/seed.py", "deploy/bench/eksbench.py",
+                           "bench/relay.py", "deploy/bench/compare.py"):
                 cp = subprocess.run(["/usr/bin/python3", "-I", "-B",
-                                     os.path.join(img, "deploy", "bench", script), "--help"],
+                                     os.path.join(img, script), "--help"],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     timeout=60, cwd=img)
                 self.assertEqual(cp.returncode, 0, "%s in the image layout: %s" % (script, cp.stdout))
@@ -1801,7 +1802,7 @@ class BenchKustomizeRenderTest(unittest.TestCase):
 
 class BenchRehearsalTest(unittest.TestCase):
     """deploy/bench/rehearse.py: the kit's scripts end to end on loopback (docker-registry,
-    seed.py, relay-bind.py, archmirror, eksbench.py twice, compare.py). Needs bench/loadgen
+    seed.py, bench/relay.py, archmirror, eksbench.py twice, compare.py). Needs bench/loadgen
     built (`make bench` or `cmake --build <dir> --target loadgen`); skipped otherwise."""
 
     def test_rehearsal(self):
