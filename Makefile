@@ -53,7 +53,7 @@ clean:
 # committed seeds in tests/fuzz/<name>/corpus are read, never written). Crashes land in
 # build/fuzz/artifacts/<name>/. FUZZ_TARGETS picks a subset: make fuzz FUZZ_TARGETS=route
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= route reference digest manifest wwwauth config mediatype tokenauth httpserver upstream
+FUZZ_TARGETS ?= route reference digest manifest wwwauth config mediatype tokenauth httpserver upstream range
 FUZZ_CC      ?= $(shell command -v clang-14 || command -v clang)
 
 .PHONY: fuzz

@@ -163,6 +163,16 @@ static void on_waiter_gone(void *arg)
 }
 
 static void waiter_pump(struct waiter *w);
+
+/* With several waiters on one fetch, each following from the temp file by sendfile costs
+ * one copy less per byte than being written every chunk live (loopback and NIC alike);
+ * the price is following the disk writer instead of the network by one thread-pool hop,
+ * which a lone waiter does not pay. */
+static bool prefer_file(const struct waiter *w)
+{
+    return w->fl && w->fl->waiters && w->fl->waiters->next && w->ex && am_http_can_sendfile(w->ex);
+}
+
 static void on_waiter_drain(void *arg)
 {
     waiter_pump(arg);
@@ -254,8 +264,8 @@ static void waiter_pump(struct waiter *w)
     }
     if (am_http_queued(w->ex) >= HIGH_WATER) return; /* on_drain brings us back */
     if (w->fl && w->pos == w->fl->received) {
-        w->live = true; /* caught up: follow the fetch */
-        return;
+        if (!prefer_file(w)) w->live = true; /* caught up: follow the fetch */
+        return;                              /* (or the file: on_written brings us back) */
     }
     uint64_t lim = waiter_limit(w);
     if (w->pos >= lim) return; /* more is on its way: on_written or the commit */
@@ -514,11 +524,12 @@ static void on_up_head(void *arg, const struct am_upstream_response *r)
     for (struct waiter *w = fl->waiters, *next; w; w = next) {
         next = w->next;
         w->end = w->size = (uint64_t)r->content_length;
-        w->live = true;
-        if (waiter_send_head(w, w->end, w->joined ? "joined" : "miss") == 0)
+        if (waiter_send_head(w, w->end, w->joined ? "joined" : "miss") == 0) {
             w->head_sent = true;
-        else
+            w->live = !prefer_file(w);
+        } else {
             waiter_free(w);
+        }
     }
 }
 
