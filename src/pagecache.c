@@ -10,7 +10,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define QUERY_PAGES 1024
+#define QUERY_PAGES 4096
 
 size_t am_pagecache_resident(int fd, uint64_t off, size_t len)
 {
