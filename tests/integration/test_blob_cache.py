@@ -86,13 +86,7 @@ def file_digest(path):
     return "sha256:" + h.hexdigest()
 
 
-def poll(fn, timeout=10.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v or time.monotonic() >= deadline:
-            return v
-        time.sleep(interval)
+poll = testbase.poll
 
 
 class _Base(testbase.IntegrationCase):

@@ -53,13 +53,7 @@ def part_files(data_dir):
     return glob.glob(os.path.join(data_dir, "blobs", "**", "*.part"), recursive=True)
 
 
-def poll(fn, timeout=10.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v or time.monotonic() >= deadline:
-            return v
-        time.sleep(interval)
+poll = testbase.poll
 
 
 class BlobFaultsTest(testbase.IntegrationCase):

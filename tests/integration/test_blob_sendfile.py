@@ -19,7 +19,6 @@ import os
 import re
 import sys
 import threading
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import faultproxy, httpc, images, testbase  # noqa: E402
@@ -34,13 +33,7 @@ def blob_file(data_dir, digest):
     return os.path.join(data_dir, "blobs", alg, hexd[:2], hexd)
 
 
-def poll(fn, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not fn():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
+poll = testbase.poll
 
 
 class Ref:

@@ -71,13 +71,8 @@ def store_files(data_dir):
     return out
 
 
-def poll(fn, timeout=5.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v or time.monotonic() >= deadline:
-            return v
-        time.sleep(interval)
+def poll(fn, timeout=5.0):
+    return testbase.poll(fn, timeout)
 
 
 class Obj:

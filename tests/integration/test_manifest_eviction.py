@@ -25,7 +25,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import httpc, images, testbase  # noqa: E402
@@ -39,13 +38,8 @@ def repo(i):
     return "library/mevict-%02d" % i
 
 
-def poll(fn, timeout=5.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v or time.monotonic() >= deadline:
-            return v
-        time.sleep(interval)
+def poll(fn, timeout=5.0):
+    return testbase.poll(fn, timeout)
 
 
 class ManifestEvictionTest(testbase.IntegrationCase):

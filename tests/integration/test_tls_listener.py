@@ -34,19 +34,13 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import archmirror, containerd, images, proc, registry, testbase, tlsutil  # noqa
+from harness import archmirror, images, proc, registry, testbase, tlsutil  # noqa: E402
 
 MiB = 1024 * 1024
 PLATFORMS = ("linux/arm64", "linux/amd64")
 
 
-def poll(fn, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v or time.monotonic() >= deadline:
-            return v
-        time.sleep(0.05)
+poll = testbase.poll
 
 
 class HTTPSConn:

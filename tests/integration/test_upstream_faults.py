@@ -131,13 +131,8 @@ def chunked(data, piece=4096):
     return out + b"0\r\n\r\n"
 
 
-def poll(fn, timeout=5.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v or time.monotonic() >= deadline:
-            return v
-        time.sleep(interval)
+def poll(fn, timeout=5.0):
+    return testbase.poll(fn, timeout)
 
 
 class FaultCase(testbase.IntegrationCase):

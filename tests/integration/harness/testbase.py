@@ -14,6 +14,17 @@ _workdirs = []
 KEEP = os.environ.get("AM_KEEP_WORKDIR") == "1"
 
 
+def poll(fn, timeout=10.0, interval=0.05):
+    """fn() until it returns something true or timeout seconds pass; returns its last
+    value (so a failed wait can be asserted and described)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v or time.monotonic() >= deadline:
+            return v
+        time.sleep(interval)
+
+
 def new_workdir(tag):
     base = os.environ.get("AM_TEST_TMP") or None
     if base:
