@@ -857,7 +857,11 @@ static bool tls_fill(struct conn *c)
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     struct conn *c = s->data;
-    if (nread == 0 || c->phase == PH_CLOSED) return;
+    if (c->phase == PH_CLOSED) return;
+    if (nread == 0) {
+        rbuf_put(c); /* EAGAIN: the buffer lent by on_alloc goes back if it is empty */
+        return;
+    }
     if (nread < 0) {
         read_end(c, nread);
         return;
