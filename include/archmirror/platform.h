@@ -117,8 +117,9 @@ struct am_platform_entry {
 /* The platforms of an OCI index or Docker manifest list, in index order: entries with
  * a platform, minus attestation manifests (descriptor.is_attestation, buildx's
  * vnd.docker.reference.type=attestation-manifest) and unknown/unknown, deduplicated by
- * am_platform_equal. Entries without a platform (e.g. a nested index) are left out;
- * containerd would descend into them (images/image.go Manifest reads a child's config).
+ * am_platform_equal. Entries without a platform (e.g. a nested index) are left out: this
+ * looks at one index only. Descending into child indexes, as containerd does
+ * (images/image.go Manifest), is imageinfo's job (it fetches them).
  * index is borrowed. Writes up to cap entries to out and their number to *n_out.
  * Returns 0, AM_EINVAL when index is not an index, or AM_ETOO_LARGE when more than cap
  * platforms exist (the first cap are written; cap = index->n_entries always suffices). */
