@@ -32,7 +32,6 @@ BlobEvictionTest (max_size 6MiB, watermarks 95/90):
 * test_2: a slow download of a cached 4 MiB blob, while other pulls push it out of the
   cache, still gets exact bytes.
 """
-import glob
 import hashlib
 import os
 import sys
@@ -40,29 +39,17 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import faultproxy, httpc, images, testbase  # noqa: E402
+from harness import blobs, faultproxy, httpc, images, testbase  # noqa: E402
 from harness.faultproxy import TimedGetThread  # noqa: E402
 
 MiB = 1024 * 1024
 REPO = "library/cached"
 
 
-class Ref:
-    def __init__(self, blob, keep=False):
-        self.digest = blob.digest
-        self.size = blob.size
-        self.data = blob.data if keep else None
-        self.up_path = "/v2/%s/blobs/%s" % (REPO, blob.digest)
-        self.path = self.up_path + "?ns=example.com"
+def Ref(blob, keep=False):
+    return blobs.Ref(blob, REPO, keep=keep)
 
 
-def blob_file(data_dir, digest):
-    alg, hexd = digest.split(":", 1)
-    return os.path.join(data_dir, "blobs", alg, hexd[:2], hexd)
-
-
-def part_files(data_dir):
-    return glob.glob(os.path.join(data_dir, "blobs", "**", "*.part"), recursive=True)
 
 
 def store_files(data_dir):
@@ -86,7 +73,7 @@ def file_digest(path):
     return "sha256:" + h.hexdigest()
 
 
-poll = testbase.poll
+blob_file, part_files, poll = blobs.blob_file, blobs.part_files, testbase.poll
 
 
 class _Base(testbase.IntegrationCase):

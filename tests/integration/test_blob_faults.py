@@ -21,7 +21,6 @@ upstream fetch that returns the right bytes.
 * test_6: a blob the upstream does not have, asked by several clients at once: each gets
   404 BLOB_UNKNOWN (an OCI error, not a 200), nothing is stored, no temp file is left.
 """
-import glob
 import os
 import re
 import sys
@@ -29,31 +28,20 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import faultproxy, httpc, images, testbase  # noqa: E402
+from harness import blobs, faultproxy, httpc, images, testbase  # noqa: E402
 from harness.faultproxy import TimedGetThread  # noqa: E402
 
 MiB = 1024 * 1024
 REPO = "library/faulty"
 
 
-class Ref:
-    def __init__(self, blob):
-        self.digest = blob.digest
-        self.size = blob.size
-        self.up_path = "/v2/%s/blobs/%s" % (REPO, blob.digest)
-        self.path = self.up_path + "?ns=example.com"
+def Ref(blob):
+    return blobs.Ref(blob, REPO)
 
 
-def blob_file(data_dir, digest):
-    alg, hexd = digest.split(":", 1)
-    return os.path.join(data_dir, "blobs", alg, hexd[:2], hexd)
 
 
-def part_files(data_dir):
-    return glob.glob(os.path.join(data_dir, "blobs", "**", "*.part"), recursive=True)
-
-
-poll = testbase.poll
+blob_file, part_files, poll = blobs.blob_file, blobs.part_files, testbase.poll
 
 
 class BlobFaultsTest(testbase.IntegrationCase):

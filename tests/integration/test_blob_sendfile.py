@@ -21,27 +21,19 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import faultproxy, httpc, images, testbase  # noqa: E402
+from harness import blobs, faultproxy, httpc, images, testbase  # noqa: E402
 from harness.faultproxy import TimedGetThread  # noqa: E402
 
 MiB = 1024 * 1024
 REPO = "library/zerocopy"
 
 
-def blob_file(data_dir, digest):
-    alg, hexd = digest.split(":", 1)
-    return os.path.join(data_dir, "blobs", alg, hexd[:2], hexd)
+
+blob_file, poll = blobs.blob_file, testbase.poll
 
 
-poll = testbase.poll
-
-
-class Ref:
-    def __init__(self, blob):
-        self.digest = blob.digest
-        self.size = blob.size
-        self.data = blob.data
-        self.path = "/v2/%s/blobs/%s?ns=example.com" % (REPO, blob.digest)
+def Ref(blob):
+    return blobs.Ref(blob, REPO, keep=True)
 
 
 class BlobSendfileTest(testbase.IntegrationCase):

@@ -25,40 +25,26 @@ bytes.
   was committed (16 MiB at 16 MiB/s): every one gets exact bytes, one upstream GET, and
   the labels follow the timeline: one miss, then joined, then hit (no race at commit).
 """
-import glob
 import os
 import sys
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import faultproxy, images, testbase  # noqa: E402
+from harness import blobs, faultproxy, images, testbase  # noqa: E402
 from harness.faultproxy import TimedGetThread  # noqa: E402
 
 MiB = 1024 * 1024
 REPO = "library/big"
 
 
-class Ref:
-    """What a test needs of a pushed blob (its bytes are dropped after the push)."""
-
-    def __init__(self, blob):
-        self.digest = blob.digest
-        self.size = blob.size
-        self.up_path = "/v2/%s/blobs/%s" % (REPO, blob.digest)
-        self.path = self.up_path + "?ns=example.com"
+def Ref(blob):
+    return blobs.Ref(blob, REPO)
 
 
-def blob_file(data_dir, digest):
-    alg, hexd = digest.split(":", 1)
-    return os.path.join(data_dir, "blobs", alg, hexd[:2], hexd)
 
 
-def part_files(data_dir):
-    return glob.glob(os.path.join(data_dir, "blobs", "**", "*.part"), recursive=True)
-
-
-poll = testbase.poll
+blob_file, part_files, poll = blobs.blob_file, blobs.part_files, testbase.poll
 
 
 class BlobSingleFlightTest(testbase.IntegrationCase):

@@ -31,7 +31,6 @@ A last start verifies everything, then SIGTERM must give exit status 0.
 Runtime: ~16 s on the dev build, ~20 s under ASan, ~90 s under valgrind (per-round times
 with AM_CRASH_VERBOSE=1; AM_CRASH_ROUNDS changes the number of kills).
 """
-import glob
 import hashlib
 import json
 import os
@@ -41,7 +40,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import archmirror, faultproxy, images, registry, testbase  # noqa: E402
+from harness import archmirror, blobs, faultproxy, images, registry, testbase  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -60,8 +59,7 @@ def file_digest(path):
     return "sha256:" + h.hexdigest()
 
 
-def part_files(data_dir):
-    return glob.glob(os.path.join(data_dir, "blobs", "**", "*.part"), recursive=True)
+part_files = blobs.part_files
 
 
 def store_files(data_dir):
