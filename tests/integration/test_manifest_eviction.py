@@ -17,6 +17,9 @@ refetched by digest, not by tag).
   bytes, one upstream GET by digest and no upstream request for the tag; then a hit.
 * test_3: upstream refusing connections: a GET by tag of evicted image 2 → 502 OCI error
   UNAVAILABLE (never 500, never other bytes), a cached image is still served.
+* test_3b: the tag of evicted image 3 moved upstream to a new manifest and the old one
+  was deleted: archmirror's GET by the old digest gets 404, it falls back to the tag and
+  serves the new manifest (exact bytes, its digest), which is then a hit.
 * test_4: SIGTERM and restart on the same data dir: the index rebuilt from LMDB is within
   the budget and the recently used images are hits without the upstream.
 """
@@ -48,7 +51,7 @@ class ManifestEvictionTest(testbase.IntegrationCase):
         super().setUpClass()
         testbase.require_archmirror()
         cls.registry = cls.start_registry()
-        client = cls.registry.client()
+        client = cls.client = cls.registry.client()
         cls.images = []
         for i in range(N):
             m = images.single_manifest("mevict-%d" % i, "amd64", oci=True)
@@ -142,6 +145,32 @@ class ManifestEvictionTest(testbase.IntegrationCase):
         self.assertNotEqual(r.body, self.images[2].data)
         r = self.pull(N - 1)
         self.assertManifestResponse(r, self.images[N - 1], "GET", "cached image, upstream down")
+
+    def test_3b_evicted_manifest_deleted_upstream_falls_back_to_the_tag(self):
+        old = self.images[3]
+        m = images.single_manifest("mevict-3-moved", "amd64", oci=True)
+        self.client.push_image(repo(3), TAG, {"kind": "oci-single", "top": m["manifest"],
+                                              "children": {}, "image": m})
+        self.client.delete_manifest(repo(3), old.digest)
+        new = m["manifest"]
+        by_tag, by_old = self.up_paths(3)
+        r = self.pull(3)
+        self.assertManifestResponse(r, new, "GET", "image 3 after its tag moved upstream")
+        self.assertEqual(r.header("X-Archmirror-Cache"), "miss", repr(r))
+        self.assertEqual(self.fp.count(method="GET", path=by_old), 1,
+                         "the fresh tag's (evicted) manifest was not asked by digest first" +
+                         self.context())
+        self.assertEqual(self.fp.count(method="GET", path=by_tag), 1,
+                         "no fallback to the tag after the digest's 404" + self.context())
+        self.fp.reset()
+        r = self.pull(3)
+        self.assertManifestResponse(r, new, "GET", "image 3 again")
+        self.assertEqual(r.header("X-Archmirror-Cache"), "hit", repr(r))
+        # (The config blob may still be fetched in the background: the pull log reads a
+        # new single-arch image's platform from it.)
+        for path in (by_tag, "/v2/%s/manifests/%s" % (repo(3), new.digest)):
+            self.assertEqual(self.fp.count(path=path), 0, path + self.context())
+        self.images[3] = new
 
     def test_4_restart_keeps_the_budget_and_the_recent_manifests(self):
         self.am.stop()
