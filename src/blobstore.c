@@ -91,7 +91,6 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <lmdb.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -268,17 +267,6 @@ struct am_blobstore_reader {
 };
 
 /* ---- small helpers ---- */
-
-static void fill_msg(char *msg, size_t msglen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void fill_msg(char *msg, size_t msglen, const char *fmt, ...)
-{
-    if (!msg || msglen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, msglen, fmt, ap);
-    va_end(ap);
-}
 
 /* Converts an errno value, once, at the boundary. */
 static int from_errno(int e)
@@ -1548,11 +1536,12 @@ static int check_schema(MDB_txn *txn, MDB_dbi dbi, const char *path, char *msg, 
         unsigned char ver[4] = {SCHEMA_VERSION & 0xff, 0, 0, 0};
         MDB_val nv = {.mv_size = sizeof ver, .mv_data = ver};
         rc = mdb_put(txn, dbi, &k, &nv, 0);
-        if (rc) fill_msg(msg, msglen, "%s: recording the schema: %s", path, mdb_strerror(rc));
+        if (rc)
+            am_error_setmsg(msg, msglen, "%s: recording the schema: %s", path, mdb_strerror(rc));
         return rc ? from_mdb(rc) : 0;
     }
     if (rc) {
-        fill_msg(msg, msglen, "%s: reading the schema version: %s", path, mdb_strerror(rc));
+        am_error_setmsg(msg, msglen, "%s: reading the schema version: %s", path, mdb_strerror(rc));
         return from_mdb(rc);
     }
     return am_schema_check(v.mv_data, v.mv_size, SCHEMA_VERSION, path, msg, msglen);
@@ -1565,7 +1554,7 @@ static int remove_stale_temps(struct am_blobstore *bs, char *msg, size_t msglen)
 {
     DIR *d = opendir(bs->tmp_dir);
     if (!d) {
-        fill_msg(msg, msglen, "%s: %s", bs->tmp_dir, strerror(errno));
+        am_error_setmsg(msg, msglen, "%s: %s", bs->tmp_dir, strerror(errno));
         return from_errno(errno);
     }
     struct dirent *de;
@@ -1605,7 +1594,7 @@ static int scan_hh(struct am_blobstore *bs, int algfd, const char *algdir, const
     if (!d) {
         int e = errno;
         if (fd >= 0) close(fd);
-        fill_msg(msg, msglen, "%s: %s", dir, strerror(e));
+        am_error_setmsg(msg, msglen, "%s: %s", dir, strerror(e));
         return from_errno(e);
     }
     struct dirent *de;
@@ -1630,7 +1619,7 @@ static int scan_hh(struct am_blobstore *bs, int algfd, const char *algdir, const
         struct blob *b = index_add(bs, &dg, B_PRESENT);
         if (!b) {
             closedir(d);
-            fill_msg(msg, msglen, "blobstore: out of memory indexing %s", dir);
+            am_error_setmsg(msg, msglen, "blobstore: out of memory indexing %s", dir);
             return AM_ENOMEM;
         }
         b->size = (uint64_t)st.st_size;
@@ -1650,7 +1639,7 @@ static int scan_alg(struct am_blobstore *bs, const char *algname, enum am_digest
     snprintf(dir, sizeof dir, "%s/%s", bs->dir, algname);
     DIR *d = opendir(dir);
     if (!d) {
-        fill_msg(msg, msglen, "%s: %s", dir, strerror(errno));
+        am_error_setmsg(msg, msglen, "%s: %s", dir, strerror(errno));
         return from_errno(errno);
     }
     struct dirent *de;
@@ -1684,7 +1673,7 @@ static int build_lru(struct am_blobstore *bs, char *msg, size_t msglen)
     if (bs->nindexed == 0) return 0;
     struct blob **all = malloc(bs->nindexed * sizeof *all);
     if (!all) {
-        fill_msg(msg, msglen, "blobstore: out of memory ordering %zu blobs", bs->nindexed);
+        am_error_setmsg(msg, msglen, "blobstore: out of memory ordering %zu blobs", bs->nindexed);
         return AM_ENOMEM;
     }
     size_t n = 0;
@@ -1728,7 +1717,7 @@ static int reconcile(struct am_blobstore *bs, MDB_txn *txn, char *msg, size_t ms
                     (unsigned long long)b->size, (unsigned long long)r.size);
             blob_path(bs, &dg, P_FILE, path, sizeof path);
             if (unlink(path) != 0 && errno != ENOENT) {
-                fill_msg(msg, msglen, "%s: %s", path, strerror(errno));
+                am_error_setmsg(msg, msglen, "%s: %s", path, strerror(errno));
                 rc = errno;
                 goto fail_errno;
             }
@@ -1770,7 +1759,7 @@ static int reconcile(struct am_blobstore *bs, MDB_txn *txn, char *msg, size_t ms
     return 0;
 
 fail:
-    fill_msg(msg, msglen, "%s: %s: %s", bs->db_path, what, mdb_strerror(rc));
+    am_error_setmsg(msg, msglen, "%s: %s: %s", bs->db_path, what, mdb_strerror(rc));
 fail_errno:
     if (cur) mdb_cursor_close(cur);
     return from_mdb(rc) == AM_ENOT_FOUND ? AM_ESTORE : from_mdb(rc);
@@ -1792,12 +1781,12 @@ int am_blobstore_open_store(uv_loop_t *loop, const char *data_dir,
     if (!o.map_bytes) o.map_bytes = DEFAULT_MAP_BYTES;
     if (!loop || !data_dir || !*data_dir || !out || o.high_pct > 100 || o.low_pct > o.high_pct ||
         o.map_bytes > SIZE_MAX) {
-        fill_msg(msg, msglen, "blobstore: invalid arguments");
+        am_error_setmsg(msg, msglen, "blobstore: invalid arguments");
         return AM_EINVAL;
     }
     /* The longest path we build: <data_dir>/blobs/<alg>/<hh>/<hex>. */
     if (strlen(data_dir) + sizeof "/blobs/" + BLOB_REL_MAX + TMP_NAME_MAX >= PATH_MAX) {
-        fill_msg(msg, msglen, "%s: data directory path too long", data_dir);
+        am_error_setmsg(msg, msglen, "%s: data directory path too long", data_dir);
         return AM_EINVAL;
     }
     if (!(bs = calloc(1, sizeof *bs))) goto nomem;
@@ -1818,7 +1807,8 @@ int am_blobstore_open_store(uv_loop_t *loop, const char *data_dir,
     for (size_t i = 0; i < sizeof subdirs / sizeof subdirs[0]; i++) {
         snprintf(path, sizeof path, "%s/%s", bs->dir, subdirs[i]);
         if ((err = am_dirs_make(path)) != 0) {
-            fill_msg(msg, msglen, "%s: cannot create the directory: %s", path, strerror(err));
+            am_error_setmsg(msg, msglen, "%s: cannot create the directory: %s", path,
+                            strerror(err));
             rc = err == ENOTDIR || err == EEXIST ? AM_ESTORE : from_errno(err);
             goto fail;
         }
@@ -1826,14 +1816,14 @@ int am_blobstore_open_store(uv_loop_t *loop, const char *data_dir,
 
     if ((err = mdb_env_create(&bs->env)) != 0) {
         bs->env = NULL;
-        fill_msg(msg, msglen, "%s: %s", bs->db_path, mdb_strerror(err));
+        am_error_setmsg(msg, msglen, "%s: %s", bs->db_path, mdb_strerror(err));
         rc = from_mdb(err);
         goto fail;
     }
     if ((err = mdb_env_set_maxdbs(bs->env, N_DBS)) != 0 ||
         (err = mdb_env_set_mapsize(bs->env, (size_t)o.map_bytes)) != 0 ||
         (err = mdb_env_open(bs->env, bs->db_path, MDB_NOSUBDIR | MDB_NOTLS, 0640)) != 0) {
-        fill_msg(msg, msglen, "%s: %s", bs->db_path, mdb_strerror(err));
+        am_error_setmsg(msg, msglen, "%s: %s", bs->db_path, mdb_strerror(err));
         rc = from_mdb(err);
         if (rc == AM_ENOT_FOUND) rc = AM_ESTORE;
         goto fail;
@@ -1844,7 +1834,8 @@ int am_blobstore_open_store(uv_loop_t *loop, const char *data_dir,
     if ((err = mdb_txn_begin(bs->env, NULL, 0, &txn)) != 0 ||
         (err = mdb_dbi_open(txn, "meta", MDB_CREATE, &bs->dbi_meta)) != 0 ||
         (err = mdb_dbi_open(txn, "blobs", MDB_CREATE, &bs->dbi_blobs)) != 0) {
-        fill_msg(msg, msglen, "%s: opening the databases: %s", bs->db_path, mdb_strerror(err));
+        am_error_setmsg(msg, msglen, "%s: opening the databases: %s", bs->db_path,
+                        mdb_strerror(err));
         rc = from_mdb(err) == AM_ENOT_FOUND ? AM_ESTORE : from_mdb(err);
         goto fail;
     }
@@ -1856,8 +1847,8 @@ int am_blobstore_open_store(uv_loop_t *loop, const char *data_dir,
     err = mdb_txn_commit(txn);
     txn = NULL;
     if (err) {
-        fill_msg(msg, msglen, "%s: committing the reconciliation: %s", bs->db_path,
-                 mdb_strerror(err));
+        am_error_setmsg(msg, msglen, "%s: committing the reconciliation: %s", bs->db_path,
+                        mdb_strerror(err));
         rc = from_mdb(err);
         goto fail;
     }
@@ -1875,7 +1866,7 @@ int am_blobstore_open_store(uv_loop_t *loop, const char *data_dir,
     return 0;
 
 nomem:
-    fill_msg(msg, msglen, "blobstore: out of memory");
+    am_error_setmsg(msg, msglen, "blobstore: out of memory");
     rc = AM_ENOMEM;
 fail:
     if (txn) mdb_txn_abort(txn);

@@ -1580,23 +1580,11 @@ const struct am_upstream_conf *am_config_find_upstream(const struct am_config *c
 
 /* ---- command-line overrides --------------------------------------------------------- */
 
-static void set_msg(char *msg, size_t n, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_msg(char *msg, size_t n, const char *fmt, ...)
-{
-    if (!msg || n == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, n, fmt, ap);
-    va_end(ap);
-}
-
 int am_config_set_listen(struct am_config *cfg, const char *hostport, char *msg, size_t n)
 {
     char why[WHY_LEN], s[80];
     if (check_listen(hostport, why, sizeof why)) {
-        set_msg(msg, n, "listen address \"%s\" %s", shown(hostport, s, sizeof s), why);
+        am_error_setmsg(msg, n, "listen address \"%s\" %s", shown(hostport, s, sizeof s), why);
         return AM_ECONFIG;
     }
     if (!cfg->listen_overridden) {
@@ -1604,11 +1592,11 @@ int am_config_set_listen(struct am_config *cfg, const char *hostport, char *msg,
         cfg->listen_overridden = true;
     }
     if (cfg->n_listen >= AM_CONFIG_MAX_LISTEN) {
-        set_msg(msg, n, "at most %d listen addresses are allowed", AM_CONFIG_MAX_LISTEN);
+        am_error_setmsg(msg, n, "at most %d listen addresses are allowed", AM_CONFIG_MAX_LISTEN);
         return AM_ECONFIG;
     }
     if (!(cfg->listen[cfg->n_listen] = strdup(hostport))) {
-        set_msg(msg, n, "out of memory");
+        am_error_setmsg(msg, n, "out of memory");
         return AM_ENOMEM;
     }
     cfg->n_listen++;
@@ -1632,25 +1620,26 @@ int am_config_set_upstream(struct am_config *cfg, const char *name_eq_url, char 
     size_t name_len;
 
     if (!split_eq(name_eq_url, &name_len, &url_in)) {
-        set_msg(msg, n,
-                "upstream \"%s\": expected NAME=URL, as in "
-                "docker.io=https://registry-1.docker.io",
-                shown(name_eq_url, s, sizeof s));
+        am_error_setmsg(msg, n,
+                        "upstream \"%s\": expected NAME=URL, as in "
+                        "docker.io=https://registry-1.docker.io",
+                        shown(name_eq_url, s, sizeof s));
         return AM_ECONFIG;
     }
     if (!(name = strndup(name_eq_url, name_len)) ||
         !(url = strndup(url_in, url_stored_len(url_in, strlen(url_in))))) {
-        set_msg(msg, n, "out of memory");
+        am_error_setmsg(msg, n, "out of memory");
         free(name);
         return AM_ENOMEM;
     }
     int rc = AM_ECONFIG;
     if (check_name(name, why, sizeof why)) {
-        set_msg(msg, n, "upstream name \"%s\" %s", shown(name, s, sizeof s), why);
+        am_error_setmsg(msg, n, "upstream name \"%s\" %s", shown(name, s, sizeof s), why);
         goto fail;
     }
     if (check_url(url, why, sizeof why)) {
-        set_msg(msg, n, "upstream %s: URL \"%s\" %s", name, shown_url(url_in, s, sizeof s), why);
+        am_error_setmsg(msg, n, "upstream %s: URL \"%s\" %s", name, shown_url(url_in, s, sizeof s),
+                        why);
         goto fail;
     }
     if (!cfg->upstreams_overridden) {
@@ -1658,11 +1647,11 @@ int am_config_set_upstream(struct am_config *cfg, const char *name_eq_url, char 
         cfg->upstreams_overridden = true;
     }
     if (am_config_find_upstream(cfg, name, name_len)) {
-        set_msg(msg, n, "upstream %s is given twice", name);
+        am_error_setmsg(msg, n, "upstream %s is given twice", name);
         goto fail;
     }
     if (cfg->n_upstreams >= AM_CONFIG_MAX_UPSTREAMS) {
-        set_msg(msg, n, "at most %d upstreams are allowed", AM_CONFIG_MAX_UPSTREAMS);
+        am_error_setmsg(msg, n, "at most %d upstreams are allowed", AM_CONFIG_MAX_UPSTREAMS);
         goto fail;
     }
     struct am_upstream_conf *u = &cfg->upstreams[cfg->n_upstreams++];
@@ -1683,7 +1672,8 @@ int am_config_set_upstream_ca(struct am_config *cfg, const char *name_eq_file, c
     size_t name_len;
 
     if (!split_eq(name_eq_file, &name_len, &file_in)) {
-        set_msg(msg, n, "upstream CA \"%s\": expected NAME=FILE", shown(name_eq_file, s, sizeof s));
+        am_error_setmsg(msg, n, "upstream CA \"%s\": expected NAME=FILE",
+                        shown(name_eq_file, s, sizeof s));
         return AM_ECONFIG;
     }
     struct am_upstream_conf *u =
@@ -1691,21 +1681,23 @@ int am_config_set_upstream_ca(struct am_config *cfg, const char *name_eq_file, c
     if (!u) {
         char name[80];
         snprintf(name, sizeof name, "%.*s", (int)(name_len < 70 ? name_len : 70), name_eq_file);
-        set_msg(msg, n, "upstream CA: no upstream is named \"%s\" (configure the upstream first)",
-                shown(name, s, sizeof s));
+        am_error_setmsg(msg, n,
+                        "upstream CA: no upstream is named \"%s\" (configure the upstream first)",
+                        shown(name, s, sizeof s));
         return AM_ECONFIG;
     }
     if (!is_https(u->url)) {
-        set_msg(msg, n, "upstream %s: a CA file needs an https:// URL, not %s", u->name, u->url);
+        am_error_setmsg(msg, n, "upstream %s: a CA file needs an https:// URL, not %s", u->name,
+                        u->url);
         return AM_ECONFIG;
     }
     if (check_readable_file(file_in, why, sizeof why)) {
-        set_msg(msg, n, "upstream %s: cannot read CA file %s: %s", u->name,
-                shown(file_in, s, sizeof s), why);
+        am_error_setmsg(msg, n, "upstream %s: cannot read CA file %s: %s", u->name,
+                        shown(file_in, s, sizeof s), why);
         return AM_ECONFIG;
     }
     if (!(file = strdup(file_in))) {
-        set_msg(msg, n, "out of memory");
+        am_error_setmsg(msg, n, "out of memory");
         return AM_ENOMEM;
     }
     set_owned(&u->ca_file, file, false);

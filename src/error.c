@@ -2,6 +2,8 @@
 #include "archmirror/error.h"
 
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
 #include <uv.h>
 
@@ -99,4 +101,13 @@ int am_error_from_upstream_status(int status, bool blob)
     case 504: return AM_EUPSTREAM_TIMEOUT;
     default: return AM_EUPSTREAM;
     }
+}
+
+void am_error_setmsg(char *msg, size_t msglen, const char *fmt, ...)
+{
+    if (!msg || msglen == 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, msglen, fmt, ap);
+    va_end(ap);
 }

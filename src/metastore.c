@@ -93,7 +93,6 @@
 #include <assert.h>
 #include <errno.h>
 #include <lmdb.h>
-#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -208,17 +207,6 @@ struct am_metastore {
 };
 
 /* ---- small helpers ---- */
-
-static void fill_msg(char *msg, size_t msglen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void fill_msg(char *msg, size_t msglen, const char *fmt, ...)
-{
-    if (!msg || msglen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, msglen, fmt, ap);
-    va_end(ap);
-}
 
 /* Converts an LMDB or errno result, once, at the boundary. */
 static int from_mdb(int rc)
@@ -422,7 +410,7 @@ static int check_schema(MDB_txn *txn, MDB_dbi dbi, const char *path, char *msg, 
     int rc = mdb_get(txn, dbi, &k, &v);
     if (rc == MDB_NOTFOUND) return rc;
     if (rc) {
-        fill_msg(msg, msglen, "%s: reading schema version: %s", path, mdb_strerror(rc));
+        am_error_setmsg(msg, msglen, "%s: reading schema version: %s", path, mdb_strerror(rc));
         return from_mdb(rc) == AM_ENOMEM ? AM_ENOMEM : AM_ESTORE;
     }
     return am_schema_check(v.mv_data, v.mv_size, SCHEMA_VERSION, path, msg, msglen);
@@ -461,7 +449,7 @@ static int create_dbs(struct am_metastore *ms, char *msg, size_t msglen)
 
 fail:
     if (txn) mdb_txn_abort(txn);
-    fill_msg(msg, msglen, "%s: %s: %s", ms->path, what, mdb_strerror(rc));
+    am_error_setmsg(msg, msglen, "%s: %s: %s", ms->path, what, mdb_strerror(rc));
     return from_mdb(rc) == AM_ENOT_FOUND ? AM_ESTORE : from_mdb(rc);
 }
 
@@ -479,11 +467,11 @@ static int add_dbs(struct am_metastore *ms, bool platforms, bool access, char *m
     }
     if (!rc) return 0;
     if (txn) mdb_txn_abort(txn);
-    fill_msg(msg, msglen, "%s: adding the %s database: %s", ms->path,
-             platforms && access ? "platforms and access"
-             : platforms         ? "platforms"
-                                 : "access",
-             mdb_strerror(rc));
+    am_error_setmsg(msg, msglen, "%s: adding the %s database: %s", ms->path,
+                    platforms && access ? "platforms and access"
+                    : platforms         ? "platforms"
+                                        : "access",
+                    mdb_strerror(rc));
     rc = from_mdb(rc);
     return rc == AM_ENOT_FOUND ? AM_ESTORE : rc;
 }
@@ -495,7 +483,7 @@ static int open_dbs(struct am_metastore *ms, char *msg, size_t msglen)
     MDB_txn *txn = NULL;
     int rc = mdb_txn_begin(ms->env, NULL, MDB_RDONLY, &txn);
     if (rc) {
-        fill_msg(msg, msglen, "%s: %s", ms->path, mdb_strerror(rc));
+        am_error_setmsg(msg, msglen, "%s: %s", ms->path, mdb_strerror(rc));
         return from_mdb(rc);
     }
     rc = mdb_dbi_open(txn, "meta", 0, &ms->dbi_meta);
@@ -504,12 +492,13 @@ static int open_dbs(struct am_metastore *ms, char *msg, size_t msglen)
         return create_dbs(ms, msg, msglen);
     }
     if (rc) {
-        fill_msg(msg, msglen, "%s: opening the meta database: %s", ms->path, mdb_strerror(rc));
+        am_error_setmsg(msg, msglen, "%s: opening the meta database: %s", ms->path,
+                        mdb_strerror(rc));
         goto fail;
     }
     int src = check_schema(txn, ms->dbi_meta, ms->path, msg, msglen);
     if (src == MDB_NOTFOUND) {
-        fill_msg(msg, msglen, "%s: meta database without a schema version", ms->path);
+        am_error_setmsg(msg, msglen, "%s: meta database without a schema version", ms->path);
         goto fail;
     }
     if (src) {
@@ -518,7 +507,7 @@ static int open_dbs(struct am_metastore *ms, char *msg, size_t msglen)
     }
     if ((rc = mdb_dbi_open(txn, "manifests", 0, &ms->dbi_manifests)) ||
         (rc = mdb_dbi_open(txn, "tags", 0, &ms->dbi_tags))) {
-        fill_msg(msg, msglen, "%s: opening the databases: %s", ms->path, mdb_strerror(rc));
+        am_error_setmsg(msg, msglen, "%s: opening the databases: %s", ms->path, mdb_strerror(rc));
         goto fail;
     }
     /* "platforms" and "access" came after the first release: a file without them gets
@@ -526,20 +515,22 @@ static int open_dbs(struct am_metastore *ms, char *msg, size_t msglen)
     rc = mdb_dbi_open(txn, "platforms", 0, &ms->dbi_platforms);
     bool add_platforms = rc == MDB_NOTFOUND;
     if (rc && !add_platforms) {
-        fill_msg(msg, msglen, "%s: opening the platforms database: %s", ms->path, mdb_strerror(rc));
+        am_error_setmsg(msg, msglen, "%s: opening the platforms database: %s", ms->path,
+                        mdb_strerror(rc));
         goto fail;
     }
     rc = mdb_dbi_open(txn, "access", 0, &ms->dbi_access);
     bool add_access = rc == MDB_NOTFOUND;
     if (rc && !add_access) {
-        fill_msg(msg, msglen, "%s: opening the access database: %s", ms->path, mdb_strerror(rc));
+        am_error_setmsg(msg, msglen, "%s: opening the access database: %s", ms->path,
+                        mdb_strerror(rc));
         goto fail;
     }
     /* Commit, not abort: an aborted txn would close the DBI handles it opened. */
     rc = mdb_txn_commit(txn);
     txn = NULL;
     if (rc) {
-        fill_msg(msg, msglen, "%s: %s", ms->path, mdb_strerror(rc));
+        am_error_setmsg(msg, msglen, "%s: %s", ms->path, mdb_strerror(rc));
         goto fail;
     }
     if (add_platforms || add_access) return add_dbs(ms, add_platforms, add_access, msg, msglen);
@@ -631,8 +622,8 @@ fail:
         orphans = o->next;
         free(o);
     }
-    fill_msg(msg, msglen, "%s: reading the manifest index: %s", ms->path,
-             rc == ENOMEM ? "out of memory" : mdb_strerror(rc));
+    am_error_setmsg(msg, msglen, "%s: reading the manifest index: %s", ms->path,
+                    rc == ENOMEM ? "out of memory" : mdb_strerror(rc));
     return rc == ENOMEM ? AM_ENOMEM : AM_ESTORE;
 }
 
@@ -643,11 +634,12 @@ int am_metastore_open(uv_loop_t *loop, const char *dir, uint64_t map_bytes,
     int rc, err;
 
     if (!loop || !dir || !out || map_bytes > SIZE_MAX) {
-        fill_msg(msg, msglen, "metastore: invalid arguments");
+        am_error_setmsg(msg, msglen, "metastore: invalid arguments");
         return AM_EINVAL;
     }
     if ((err = am_dirs_make(dir)) != 0) {
-        fill_msg(msg, msglen, "%s: cannot create the data directory: %s", dir, strerror(err));
+        am_error_setmsg(msg, msglen, "%s: cannot create the data directory: %s", dir,
+                        strerror(err));
         return from_mdb(err);
     }
     ms = calloc(1, sizeof *ms);
@@ -661,14 +653,14 @@ int am_metastore_open(uv_loop_t *loop, const char *dir, uint64_t map_bytes,
 
     if ((err = mdb_env_create(&ms->env)) != 0) {
         ms->env = NULL;
-        fill_msg(msg, msglen, "%s: %s", ms->path, mdb_strerror(err));
+        am_error_setmsg(msg, msglen, "%s: %s", ms->path, mdb_strerror(err));
         rc = from_mdb(err);
         goto fail;
     }
     if ((err = mdb_env_set_maxdbs(ms->env, N_DBS)) != 0 ||
         (map_bytes && (err = mdb_env_set_mapsize(ms->env, (size_t)map_bytes)) != 0) ||
         (err = mdb_env_open(ms->env, ms->path, MDB_NOSUBDIR | MDB_NOTLS, 0640)) != 0) {
-        fill_msg(msg, msglen, "%s: %s", ms->path, mdb_strerror(err));
+        am_error_setmsg(msg, msglen, "%s: %s", ms->path, mdb_strerror(err));
         rc = from_mdb(err);
         if (rc == AM_ENOT_FOUND) rc = AM_ESTORE;
         goto fail;
@@ -682,7 +674,7 @@ int am_metastore_open(uv_loop_t *loop, const char *dir, uint64_t map_bytes,
     return 0;
 
 nomem:
-    fill_msg(msg, msglen, "metastore: out of memory");
+    am_error_setmsg(msg, msglen, "metastore: out of memory");
     rc = AM_ENOMEM;
 fail:
     if (ms) {

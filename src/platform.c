@@ -23,7 +23,6 @@
 
 #include <jansson.h>
 #include <limits.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,18 +36,6 @@
 #define DEFAULT_OS "linux"
 /* How much of a rejected input a message echoes. */
 #define QUOTE_MAX 48
-
-static void set_msg(char *msg, size_t msglen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_msg(char *msg, size_t msglen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (!msg || msglen == 0) return;
-    va_start(ap, fmt);
-    vsnprintf(msg, msglen, fmt, ap);
-    va_end(ap);
-}
 
 /* A printable, bounded copy of untrusted input for a message. */
 static void quote(char dst[QUOTE_MAX + 4], const char *s, size_t len)
@@ -238,20 +225,21 @@ static int decode_option(const char *s, size_t len, char dst[AM_PLATFORM_FIELD_M
             int hi = i + 2 < len ? hexval(s[i + 1]) : -1;
             int lo = i + 2 < len ? hexval(s[i + 2]) : -1;
             if (hi < 0 || lo < 0) {
-                set_msg(msg, msglen, "platform \"%s\": invalid %%-escape in the %s", spec, what);
+                am_error_setmsg(msg, msglen, "platform \"%s\": invalid %%-escape in the %s", spec,
+                                what);
                 return AM_EINVAL;
             }
             c = (char)(hi << 4 | lo);
             i += 2;
         }
         if (!printable(&c, 1)) {
-            set_msg(msg, msglen, "platform \"%s\": the %s decodes to a non-printable byte", spec,
-                    what);
+            am_error_setmsg(msg, msglen, "platform \"%s\": the %s decodes to a non-printable byte",
+                            spec, what);
             return AM_EINVAL;
         }
         if (w == AM_PLATFORM_FIELD_MAX) {
-            set_msg(msg, msglen, "platform \"%s\": the %s is longer than %d bytes", spec, what,
-                    AM_PLATFORM_FIELD_MAX);
+            am_error_setmsg(msg, msglen, "platform \"%s\": the %s is longer than %d bytes", spec,
+                            what, AM_PLATFORM_FIELD_MAX);
             return AM_EINVAL;
         }
         dst[w++] = c;
@@ -273,15 +261,15 @@ static int parse_os_component(const char *s, size_t len, struct am_platform *p,
 
     while (i < len && is_os_char(s[i])) i++;
     if (i == 0 || (i < len && (s[i] != '(' || s[len - 1] != ')'))) {
-        set_msg(msg, msglen,
-                "platform \"%s\": invalid os component (want name[(version[+feature]...)] "
-                "of [A-Za-z0-9_-])",
-                spec);
+        am_error_setmsg(msg, msglen,
+                        "platform \"%s\": invalid os component (want name[(version[+feature]...)] "
+                        "of [A-Za-z0-9_-])",
+                        spec);
         return AM_EINVAL;
     }
     if (i > AM_PLATFORM_FIELD_MAX) {
-        set_msg(msg, msglen, "platform \"%s\": os longer than %d bytes", spec,
-                AM_PLATFORM_FIELD_MAX);
+        am_error_setmsg(msg, msglen, "platform \"%s\": os longer than %d bytes", spec,
+                        AM_PLATFORM_FIELD_MAX);
         return AM_EINVAL;
     }
     memcpy(p->os, s, i);
@@ -302,12 +290,12 @@ static int parse_os_component(const char *s, size_t len, struct am_platform *p,
         while (i < len && is_option_char(s[i])) i++;
         if (i == start) {
             /* osRe wants "+" followed by at least one character. */
-            set_msg(msg, msglen, "platform \"%s\": empty os feature", spec);
+            am_error_setmsg(msg, msglen, "platform \"%s\": empty os feature", spec);
             return AM_EINVAL;
         }
         if (f->n == AM_PLATFORM_FEATURES_MAX) {
-            set_msg(msg, msglen, "platform \"%s\": more than %d os features", spec,
-                    AM_PLATFORM_FEATURES_MAX);
+            am_error_setmsg(msg, msglen, "platform \"%s\": more than %d os features", spec,
+                            AM_PLATFORM_FEATURES_MAX);
             return AM_EINVAL;
         }
         if ((rc = decode_option(s + start, i - start, f->v[f->n], "os feature", spec, msg, msglen)))
@@ -315,8 +303,8 @@ static int parse_os_component(const char *s, size_t len, struct am_platform *p,
         f->n++;
     }
     if (i < len) {
-        set_msg(msg, msglen, "platform \"%s\": invalid os options (want (version+feature...))",
-                spec);
+        am_error_setmsg(msg, msglen,
+                        "platform \"%s\": invalid os options (want (version+feature...))", spec);
         return AM_EINVAL;
     }
     return 0;
@@ -331,26 +319,27 @@ static int copy_component(const char *s, size_t len, char dst[AM_PLATFORM_FIELD_
     bool only_dots = true;
 
     if (len == 0) {
-        set_msg(msg, msglen, "platform \"%s\": empty %s component", spec, what);
+        am_error_setmsg(msg, msglen, "platform \"%s\": empty %s component", spec, what);
         return AM_EINVAL;
     }
     for (size_t i = 0; i < len; i++) {
         if (!is_spec_char(s[i])) {
-            set_msg(msg, msglen,
-                    "platform \"%s\": invalid character in the %s (allowed: "
-                    "A-Z a-z 0-9 _ . -)",
-                    spec, what);
+            am_error_setmsg(msg, msglen,
+                            "platform \"%s\": invalid character in the %s (allowed: "
+                            "A-Z a-z 0-9 _ . -)",
+                            spec, what);
             return AM_EINVAL;
         }
         if (s[i] != '.') only_dots = false;
     }
     if (only_dots) {
-        set_msg(msg, msglen, "platform \"%s\": the %s cannot be \".\" or \"..\"", spec, what);
+        am_error_setmsg(msg, msglen, "platform \"%s\": the %s cannot be \".\" or \"..\"", spec,
+                        what);
         return AM_EINVAL;
     }
     if (len > AM_PLATFORM_FIELD_MAX) {
-        set_msg(msg, msglen, "platform \"%s\": %s longer than %d bytes", spec, what,
-                AM_PLATFORM_FIELD_MAX);
+        am_error_setmsg(msg, msglen, "platform \"%s\": %s longer than %d bytes", spec, what,
+                        AM_PLATFORM_FIELD_MAX);
         return AM_EINVAL;
     }
     memcpy(dst, s, len);
@@ -374,16 +363,17 @@ int am_platform_parse(const char *s, size_t len, struct am_platform *out,
     if (!s) len = 0;
     quote(spec, s ? s : "", len);
     if (len == 0) {
-        set_msg(msg, msglen, "empty platform (want os/architecture[/variant])");
+        am_error_setmsg(msg, msglen, "empty platform (want os/architecture[/variant])");
         return AM_EINVAL;
     }
     if (len > AM_PLATFORM_SPEC_MAX) {
-        set_msg(msg, msglen, "platform \"%s\": longer than %d bytes", spec, AM_PLATFORM_SPEC_MAX);
+        am_error_setmsg(msg, msglen, "platform \"%s\": longer than %d bytes", spec,
+                        AM_PLATFORM_SPEC_MAX);
         return AM_EINVAL;
     }
     /* platforms.go Parse: "wildcards not yet supported". */
     if (memchr(s, '*', len)) {
-        set_msg(msg, msglen, "platform \"%s\": wildcards are not supported", spec);
+        am_error_setmsg(msg, msglen, "platform \"%s\": wildcards are not supported", spec);
         return AM_EINVAL;
     }
     /* platforms.go Parse: at most os/arch/variant ("cannot parse platform specifier").
@@ -391,10 +381,10 @@ int am_platform_parse(const char *s, size_t len, struct am_platform *out,
     for (size_t i = 0, start = 0; i <= len; i++) {
         if (i < len && s[i] != '/') continue;
         if (nparts == 3) {
-            set_msg(msg, msglen,
-                    "platform \"%s\": too many components (want "
-                    "os/architecture[/variant])",
-                    spec);
+            am_error_setmsg(msg, msglen,
+                            "platform \"%s\": too many components (want "
+                            "os/architecture[/variant])",
+                            spec);
             return AM_EINVAL;
         }
         part[nparts] = s + start;
@@ -417,21 +407,22 @@ int am_platform_parse(const char *s, size_t len, struct am_platform *out,
          * the os is runtime.GOOS there, DEFAULT_OS here. */
         normalize_os(p.os);
         if (known_os(p.os)) {
-            set_msg(msg, msglen,
-                    "platform \"%s\" names only an operating system; give os/architecture, "
-                    "e.g. linux/arm64",
-                    spec);
+            am_error_setmsg(msg, msglen,
+                            "platform \"%s\" names only an operating system; give os/architecture, "
+                            "e.g. linux/arm64",
+                            spec);
             return AM_EINVAL;
         }
         if (has_options) {
-            set_msg(msg, msglen, "platform \"%s\": unknown operating system", spec);
+            am_error_setmsg(msg, msglen, "platform \"%s\": unknown operating system", spec);
             return AM_EINVAL;
         }
         memcpy(p.architecture, p.os, sizeof p.architecture);
         p.os[0] = '\0';
         normalize_arch(p.architecture, p.variant);
         if (!known_arch(p.architecture)) {
-            set_msg(msg, msglen, "platform \"%s\": unknown operating system or architecture", spec);
+            am_error_setmsg(msg, msglen,
+                            "platform \"%s\": unknown operating system or architecture", spec);
             return AM_EINVAL;
         }
         set_field(p.os, DEFAULT_OS);
@@ -843,25 +834,25 @@ static int config_string(json_t *root, const char *key, bool required,
     dst[0] = '\0';
     if (!v) {
         if (!required) return 0;
-        set_msg(msg, msglen, "image config: \"%s\" missing", key);
+        am_error_setmsg(msg, msglen, "image config: \"%s\" missing", key);
         return AM_EMANIFEST_INVALID;
     }
     if (!json_is_string(v)) {
-        set_msg(msg, msglen, "image config: \"%s\" is not a string", key);
+        am_error_setmsg(msg, msglen, "image config: \"%s\" is not a string", key);
         return AM_EMANIFEST_INVALID;
     }
     len = json_string_length(v);
     if (required && len == 0) {
-        set_msg(msg, msglen, "image config: \"%s\" is empty", key);
+        am_error_setmsg(msg, msglen, "image config: \"%s\" is empty", key);
         return AM_EMANIFEST_INVALID;
     }
     if (len > AM_PLATFORM_FIELD_MAX) {
-        set_msg(msg, msglen, "image config: \"%s\" longer than %d bytes", key,
-                AM_PLATFORM_FIELD_MAX);
+        am_error_setmsg(msg, msglen, "image config: \"%s\" longer than %d bytes", key,
+                        AM_PLATFORM_FIELD_MAX);
         return AM_EMANIFEST_INVALID;
     }
     if (!printable(json_string_value(v), len)) {
-        set_msg(msg, msglen, "image config: \"%s\" contains non-printable bytes", key);
+        am_error_setmsg(msg, msglen, "image config: \"%s\" contains non-printable bytes", key);
         return AM_EMANIFEST_INVALID;
     }
     memcpy(dst, json_string_value(v), len + 1);
@@ -884,11 +875,12 @@ int am_platform_from_config_json(const char *bytes, size_t len, struct am_platfo
         char text[QUOTE_MAX + 4];
         if (json_error_code(&jerr) == json_error_out_of_memory) return AM_ENOMEM;
         quote(text, jerr.text, strlen(jerr.text));
-        set_msg(msg, msglen, "image config: invalid JSON at byte %d: %s", jerr.position, text);
+        am_error_setmsg(msg, msglen, "image config: invalid JSON at byte %d: %s", jerr.position,
+                        text);
         return AM_EMANIFEST_INVALID;
     }
     if (!json_is_object(root)) {
-        set_msg(msg, msglen, "image config: not a JSON object");
+        am_error_setmsg(msg, msglen, "image config: not a JSON object");
         goto fail;
     }
     if ((rc = config_string(root, "architecture", true, p.architecture, msg, msglen)) ||
@@ -901,26 +893,28 @@ int am_platform_from_config_json(const char *bytes, size_t len, struct am_platfo
     if (feat && !json_is_null(feat)) {
         /* Go decodes null as an absent slice; anything else must be an array of strings. */
         if (!json_is_array(feat)) {
-            set_msg(msg, msglen, "image config: \"os.features\" is not an array");
+            am_error_setmsg(msg, msglen, "image config: \"os.features\" is not an array");
             goto fail;
         }
         if (json_array_size(feat) > AM_PLATFORM_FEATURES_MAX) {
-            set_msg(msg, msglen, "image config: more than %d \"os.features\"",
-                    AM_PLATFORM_FEATURES_MAX);
+            am_error_setmsg(msg, msglen, "image config: more than %d \"os.features\"",
+                            AM_PLATFORM_FEATURES_MAX);
             goto fail;
         }
         for (size_t i = 0; i < json_array_size(feat); i++) {
             json_t *v = json_array_get(feat, i);
             size_t flen;
             if (!json_is_string(v)) {
-                set_msg(msg, msglen, "image config: \"os.features\"[%zu] is not a string", i);
+                am_error_setmsg(msg, msglen, "image config: \"os.features\"[%zu] is not a string",
+                                i);
                 goto fail;
             }
             flen = json_string_length(v);
             if (flen > AM_PLATFORM_FIELD_MAX || !printable(json_string_value(v), flen)) {
-                set_msg(msg, msglen,
-                        "image config: \"os.features\"[%zu] is over %d bytes or not printable", i,
-                        AM_PLATFORM_FIELD_MAX);
+                am_error_setmsg(
+                    msg, msglen,
+                    "image config: \"os.features\"[%zu] is over %d bytes or not printable", i,
+                    AM_PLATFORM_FIELD_MAX);
                 goto fail;
             }
             memcpy(f.v[f.n++], json_string_value(v), flen + 1);

@@ -72,7 +72,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <lmdb.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -219,17 +218,6 @@ struct am_pulllog {
 };
 
 /* ---- small helpers ---- */
-
-static void fill_msg(char *msg, size_t msglen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void fill_msg(char *msg, size_t msglen, const char *fmt, ...)
-{
-    if (!msg || msglen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, msglen, fmt, ap);
-    va_end(ap);
-}
 
 /* Converts an LMDB or errno result, once, at the boundary. */
 static int from_mdb(int rc)
@@ -632,7 +620,7 @@ static int check_schema(struct am_pulllog *pl, MDB_txn *txn, char *msg, size_t m
         if ((rc = mdb_put(txn, pl->dbi_meta, &k, &v, 0)) == 0) return 0;
     }
     if (rc) {
-        fill_msg(msg, msglen, "%s: schema version: %s", pl->db_path, mdb_strerror(rc));
+        am_error_setmsg(msg, msglen, "%s: schema version: %s", pl->db_path, mdb_strerror(rc));
         return from_mdb(rc);
     }
     return am_schema_check(v.mv_data, v.mv_size, SCHEMA_VERSION, pl->db_path, msg, msglen);
@@ -671,7 +659,7 @@ static int open_store(struct am_pulllog *pl, uint64_t map_bytes, char *msg, size
 
 fail:
     if (txn) mdb_txn_abort(txn);
-    fill_msg(msg, msglen, "%s: %s", pl->db_path, mdb_strerror(rc));
+    am_error_setmsg(msg, msglen, "%s: %s", pl->db_path, mdb_strerror(rc));
     return from_mdb(rc);
 }
 
@@ -705,12 +693,12 @@ int am_pulllog_open(uv_loop_t *loop, const struct am_pulllog_opts *opts, struct 
 
     if (!loop || !opts || !out || !opts->dir || !opts->dir[0] || opts->map_bytes > SIZE_MAX ||
         opts->keep_files > KEEP_FILES_MAX) {
-        fill_msg(msg, msglen, "pulllog: invalid arguments");
+        am_error_setmsg(msg, msglen, "pulllog: invalid arguments");
         return AM_EINVAL;
     }
     if ((err = am_dirs_make(opts->dir)) != 0) {
-        fill_msg(msg, msglen, "%s: cannot create the pull log directory: %s", opts->dir,
-                 strerror(err));
+        am_error_setmsg(msg, msglen, "%s: cannot create the pull log directory: %s", opts->dir,
+                        strerror(err));
         return from_mdb(err);
     }
     if (!(pl = calloc(1, sizeof *pl))) goto nomem;
@@ -730,7 +718,7 @@ int am_pulllog_open(uv_loop_t *loop, const struct am_pulllog_opts *opts, struct 
 
     if ((pl->fd = open_log_file(pl->file_path)) < 0) {
         err = errno;
-        fill_msg(msg, msglen, "%s: %s", pl->file_path, strerror(err));
+        am_error_setmsg(msg, msglen, "%s: %s", pl->file_path, strerror(err));
         rc = from_mdb(err);
         goto fail;
     }
@@ -746,7 +734,7 @@ int am_pulllog_open(uv_loop_t *loop, const struct am_pulllog_opts *opts, struct 
     return 0;
 
 nomem:
-    fill_msg(msg, msglen, "pulllog: out of memory");
+    am_error_setmsg(msg, msglen, "pulllog: out of memory");
     rc = AM_ENOMEM;
 fail:
     if (pl) {
@@ -1466,27 +1454,28 @@ static int parse_params(const char *q, size_t len, unsigned allowed, struct para
         size_t klen = eq ? (size_t)(eq - pair) : plen;
         char key[16];
         if (pct_decode(pair, klen, key, sizeof key - 1) != 0) {
-            fill_msg(msg, msglen, "unknown query parameter \"%.*s\"", (int)(klen > 32 ? 32 : klen),
-                     pair);
+            am_error_setmsg(msg, msglen, "unknown query parameter \"%.*s\"",
+                            (int)(klen > 32 ? 32 : klen), pair);
             return AM_EBAD_REQUEST;
         }
         size_t k;
         for (k = 0; k < sizeof known / sizeof known[0]; k++)
             if ((known[k].bit & allowed) && strcmp(key, known[k].name) == 0) break;
         if (k == sizeof known / sizeof known[0]) {
-            fill_msg(msg, msglen, "unknown query parameter \"%s\"", key);
+            am_error_setmsg(msg, msglen, "unknown query parameter \"%s\"", key);
             return AM_EBAD_REQUEST;
         }
         if (p->seen & known[k].bit) {
-            fill_msg(msg, msglen, "%s: given more than once", key);
+            am_error_setmsg(msg, msglen, "%s: given more than once", key);
             return AM_EBAD_REQUEST;
         }
         char *val = (char *)p + known[k].off;
         const char *v = eq ? eq + 1 : pair + plen;
         size_t vlen = eq ? plen - klen - 1 : 0;
         if (pct_decode(v, vlen, val, PARAM_MAX) != 0) {
-            fill_msg(msg, msglen, "%s: longer than %u bytes, a bad %%-escape or a control byte",
-                     key, PARAM_MAX);
+            am_error_setmsg(msg, msglen,
+                            "%s: longer than %u bytes, a bad %%-escape or a control byte", key,
+                            PARAM_MAX);
             return AM_EBAD_REQUEST;
         }
         if (val[0]) p->seen |= known[k].bit;
@@ -1586,10 +1575,10 @@ static int parse_since(const char *s, uint64_t now, uint64_t *out, char *msg, si
         return 0;
     }
 bad:
-    fill_msg(msg, msglen,
-             "since: cannot parse \"%.64s\": expected an RFC 3339 time "
-             "(2024-05-01T12:00:00Z), unix seconds or a duration (24h, 90m)",
-             s);
+    am_error_setmsg(msg, msglen,
+                    "since: cannot parse \"%.64s\": expected an RFC 3339 time "
+                    "(2024-05-01T12:00:00Z), unix seconds or a duration (24h, 90m)",
+                    s);
     return AM_EBAD_REQUEST;
 }
 
@@ -1620,10 +1609,10 @@ static int parse_query(enum view view, const char *qs, size_t len, uint64_t now,
         struct am_platform a;
         if (strchr(p.arch, '/') ||
             am_platform_parse(p.arch, strlen(p.arch), &a, NULL, why, sizeof why) != 0) {
-            fill_msg(msg, msglen,
-                     "arch: \"%.64s\" is not an architecture (arm64, amd64, arm, 386…); use "
-                     "platform= for os/arch/variant",
-                     p.arch);
+            am_error_setmsg(msg, msglen,
+                            "arch: \"%.64s\" is not an architecture (arm64, amd64, arm, 386…); use "
+                            "platform= for os/arch/variant",
+                            p.arch);
             return AM_EBAD_REQUEST;
         }
         snprintf(q->arch, sizeof q->arch, "%s", a.architecture);
@@ -1632,7 +1621,7 @@ static int parse_query(enum view view, const char *qs, size_t len, uint64_t now,
     if (p.seen & P_PLATFORM) {
         if (am_platform_parse(p.platform, strlen(p.platform), &q->platform, NULL, why,
                               sizeof why) != 0) {
-            fill_msg(msg, msglen, "platform: %s", why);
+            am_error_setmsg(msg, msglen, "platform: %s", why);
             return AM_EBAD_REQUEST;
         }
         q->has_platform = true;
@@ -1642,7 +1631,7 @@ static int parse_query(enum view view, const char *qs, size_t len, uint64_t now,
         q->image_mode = IMAGE_SUBSTRING;
         if (names_tag_or_digest(p.image)) {
             if (am_reference_parse(p.image, strlen(p.image), &q->ref, why, sizeof why) != 0) {
-                fill_msg(msg, msglen, "image: %s", why);
+                am_error_setmsg(msg, msglen, "image: %s", why);
                 return AM_EBAD_REQUEST;
             }
             q->image_mode = IMAGE_EXACT;
@@ -1650,12 +1639,12 @@ static int parse_query(enum view view, const char *qs, size_t len, uint64_t now,
     }
     if (view == VIEW_READINESS) {
         if (!(p.seen & P_TARGET)) {
-            fill_msg(msg, msglen, "target: required, a platform such as linux/arm64");
+            am_error_setmsg(msg, msglen, "target: required, a platform such as linux/arm64");
             return AM_EBAD_REQUEST;
         }
         if (am_platform_parse(p.target, strlen(p.target), &q->target, &q->target_features, why,
                               sizeof why) != 0) {
-            fill_msg(msg, msglen, "target: %s", why);
+            am_error_setmsg(msg, msglen, "target: %s", why);
             return AM_EBAD_REQUEST;
         }
         am_platform_format_all(&q->target, &q->target_features, q->target_str,

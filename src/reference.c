@@ -14,7 +14,6 @@
 #include "archmirror/reference.h"
 
 #include <arpa/inet.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -195,19 +194,6 @@ int am_reference_validate_registry(const char *s, size_t len)
 
 /* ---- image references ---------------------------------------------------------- */
 
-static void set_msg(char *msg, size_t msglen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_msg(char *msg, size_t msglen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (!msg || msglen == 0) return;
-    va_start(ap, fmt);
-    vsnprintf(msg, msglen, fmt, ap);
-    va_end(ap);
-}
-
 static bool has_upper(const char *s, size_t len)
 {
     for (size_t i = 0; i < len; i++)
@@ -245,7 +231,7 @@ static int parse_registry(const char *s, size_t len, struct am_reference *out, c
                           size_t msglen)
 {
     if (am_reference_validate_registry(s, len) != 0) {
-        set_msg(msg, msglen, "invalid reference format: invalid registry host");
+        am_error_setmsg(msg, msglen, "invalid reference format: invalid registry host");
         return AM_ENAME_INVALID;
     }
     /* docker normalises "index.docker.io" (its legacy default domain); containerd users
@@ -267,16 +253,17 @@ static int parse_repository(const char *s, size_t len, struct am_reference *out,
     size_t prefix = hub && !memchr(s, '/', len) ? 8 : 0;
 
     if (has_upper(s, len)) {
-        set_msg(msg, msglen, "invalid reference format: repository name must be lowercase");
+        am_error_setmsg(msg, msglen, "invalid reference format: repository name must be lowercase");
         return AM_ENAME_INVALID;
     }
     if (am_reference_validate_name(s, len) != 0) {
-        set_msg(msg, msglen, "invalid reference format: invalid repository name");
+        am_error_setmsg(msg, msglen, "invalid reference format: invalid repository name");
         return AM_ENAME_INVALID;
     }
     /* distribution/reference limits the whole normalised name (registry "/" path). */
     if (strlen(out->registry) + 1 + prefix + len > AM_NAME_MAX) {
-        set_msg(msg, msglen, "repository name must not be more than %d characters", AM_NAME_MAX);
+        am_error_setmsg(msg, msglen, "repository name must not be more than %d characters",
+                        AM_NAME_MAX);
         return AM_ENAME_INVALID;
     }
     memcpy(out->repository, "library/", prefix);
@@ -294,7 +281,7 @@ static int parse_name_tag(const char *s, size_t len, struct am_reference *out, c
 
     if (rc || !colon) return rc;
     if (am_reference_validate_tag(colon + 1, len - name_len - 1) != 0) {
-        set_msg(msg, msglen, "invalid reference format: invalid tag");
+        am_error_setmsg(msg, msglen, "invalid reference format: invalid tag");
         return AM_ETAG_INVALID;
     }
     copy_str(out->tag, colon + 1, len - name_len - 1);
@@ -314,18 +301,19 @@ int am_reference_parse(const char *s, size_t len, struct am_reference *out, char
 
     memset(&ref, 0, sizeof ref);
     if (len == 0) {
-        set_msg(msg, msglen, "invalid reference format: empty reference");
+        am_error_setmsg(msg, msglen, "invalid reference format: empty reference");
         return AM_ENAME_INVALID;
     }
     /* distribution/reference ParseNormalizedNamed: a bare 64-hex string is an image ID,
      * not a name, and is refused to avoid ambiguity. */
     if (is_identifier(s, len)) {
-        set_msg(msg, msglen, "invalid repository name: cannot specify 64-byte hexadecimal strings");
+        am_error_setmsg(msg, msglen,
+                        "invalid repository name: cannot specify 64-byte hexadecimal strings");
         return AM_ENAME_INVALID;
     }
     if (at) {
         if (am_digest_parse(at + 1, len - left - 1, &ref.digest) != 0) {
-            set_msg(msg, msglen, "invalid reference format: invalid digest");
+            am_error_setmsg(msg, msglen, "invalid reference format: invalid digest");
             return AM_EDIGEST_INVALID;
         }
         ref.has_digest = true;

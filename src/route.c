@@ -16,7 +16,6 @@
  */
 #include "archmirror/route.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -26,19 +25,6 @@ struct view {
     const char *p;
     size_t len;
 };
-
-static void set_msg(char *msg, size_t msglen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_msg(char *msg, size_t msglen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (!msg || msglen == 0) return;
-    va_start(ap, fmt);
-    vsnprintf(msg, msglen, fmt, ap);
-    va_end(ap);
-}
 
 static bool view_eq(struct view v, const char *lit)
 {
@@ -62,7 +48,7 @@ static bool strip_endpoint(struct view v, const char *suffix, struct view *head)
 static int set_name(struct view name, struct am_route *out, char *msg, size_t msglen)
 {
     if (am_reference_validate_name(name.p, name.len) != 0) {
-        set_msg(msg, msglen, "invalid repository name");
+        am_error_setmsg(msg, msglen, "invalid repository name");
         return AM_ENAME_INVALID;
     }
     memcpy(out->name, name.p, name.len);
@@ -73,7 +59,7 @@ static int set_name(struct view name, struct am_route *out, char *msg, size_t ms
 static int set_digest(struct view d, struct am_route *out, char *msg, size_t msglen)
 {
     if (am_digest_parse(d.p, d.len, &out->digest) != 0) {
-        set_msg(msg, msglen, "invalid digest");
+        am_error_setmsg(msg, msglen, "invalid digest");
         return AM_EDIGEST_INVALID;
     }
     return 0;
@@ -87,7 +73,7 @@ static int set_reference(struct view ref, struct am_route *out, char *msg, size_
         return set_digest(ref, out, msg, msglen);
     }
     if (am_reference_validate_tag(ref.p, ref.len) != 0) {
-        set_msg(msg, msglen, "invalid tag");
+        am_error_setmsg(msg, msglen, "invalid tag");
         return AM_ETAG_INVALID;
     }
     memcpy(out->tag, ref.p, ref.len);
@@ -185,15 +171,15 @@ static int set_ns(struct view value, struct am_route *out, char *msg, size_t msg
     size_t len;
 
     if (out->has_ns) {
-        set_msg(msg, msglen, "ns: given more than once");
+        am_error_setmsg(msg, msglen, "ns: given more than once");
         return AM_EBAD_REQUEST;
     }
     if (!query_unescape(value, out->ns, sizeof out->ns, &len)) {
-        set_msg(msg, msglen, "ns: malformed percent-encoding or too long");
+        am_error_setmsg(msg, msglen, "ns: malformed percent-encoding or too long");
         return AM_EBAD_REQUEST;
     }
     if (am_reference_validate_registry(out->ns, len) != 0) {
-        set_msg(msg, msglen, "ns: not a registry host[:port]");
+        am_error_setmsg(msg, msglen, "ns: not a registry host[:port]");
         return AM_EBAD_REQUEST;
     }
     out->has_ns = true;

@@ -12,7 +12,6 @@
 
 #include <arpa/inet.h>
 #include <limits.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,18 +37,6 @@ struct am_tls {
 /* ALPN protocol list (RFC 7301 §3.1): length-prefixed names. */
 static const unsigned char alpn_http11[] = "\x08http/1.1";
 
-static void set_msg(char *msg, size_t msglen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_msg(char *msg, size_t msglen, const char *fmt, ...)
-{
-    if (!msg || !msglen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, msglen, fmt, ap);
-    va_end(ap);
-}
-
 /* The most specific reason OpenSSL queued, as text; empties the queue. */
 static void openssl_reason(char *buf, size_t len)
 {
@@ -74,12 +61,12 @@ static SSL_CTX *base_ctx(const SSL_METHOD *method, uint64_t options, char *msg, 
     SSL_CTX *ctx = SSL_CTX_new(method);
     if (!ctx) {
         openssl_reason(why, sizeof why);
-        set_msg(msg, msglen, "cannot create a TLS context: %s", why);
+        am_error_setmsg(msg, msglen, "cannot create a TLS context: %s", why);
         return NULL;
     }
     if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1) {
         openssl_reason(why, sizeof why);
-        set_msg(msg, msglen, "cannot require TLS 1.2: %s", why);
+        am_error_setmsg(msg, msglen, "cannot require TLS 1.2: %s", why);
         SSL_CTX_free(ctx);
         return NULL;
     }
@@ -98,7 +85,7 @@ int am_tls_ctx_new(const char *ca_file, bool insecure, struct am_tls_ctx **out, 
     /* SSL_CTX_set_alpn_protos returns 0 on success, unlike the rest of the API. */
     if (SSL_CTX_set_alpn_protos(c->ctx, alpn_http11, sizeof alpn_http11 - 1) != 0) {
         openssl_reason(why, sizeof why);
-        set_msg(msg, msglen, "cannot set ALPN: %s", why);
+        am_error_setmsg(msg, msglen, "cannot set ALPN: %s", why);
         goto fail;
     }
     if (insecure) {
@@ -110,9 +97,9 @@ int am_tls_ctx_new(const char *ca_file, bool insecure, struct am_tls_ctx **out, 
         if (ok != 1) {
             openssl_reason(why, sizeof why);
             if (ca_file)
-                set_msg(msg, msglen, "cannot load CA file %s: %s", ca_file, why);
+                am_error_setmsg(msg, msglen, "cannot load CA file %s: %s", ca_file, why);
             else
-                set_msg(msg, msglen, "cannot load the system CA store: %s", why);
+                am_error_setmsg(msg, msglen, "cannot load the system CA store: %s", why);
             goto fail;
         }
     }
@@ -163,23 +150,23 @@ int am_tls_server_ctx_new(const char *cert_file, const char *key_file, struct am
     rc = AM_EINVAL;
     if (SSL_CTX_use_certificate_chain_file(c->ctx, cert_file) != 1) {
         openssl_reason(why, sizeof why);
-        set_msg(msg, msglen, "certificate file %s: %s", cert_file, why);
+        am_error_setmsg(msg, msglen, "certificate file %s: %s", cert_file, why);
         goto fail;
     }
     if (SSL_CTX_use_PrivateKey_file(c->ctx, key_file, SSL_FILETYPE_PEM) != 1) {
         bool mismatch = ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH;
         openssl_reason(why, sizeof why);
         if (mismatch)
-            set_msg(msg, msglen, "key file %s does not match certificate file %s", key_file,
-                    cert_file);
+            am_error_setmsg(msg, msglen, "key file %s does not match certificate file %s", key_file,
+                            cert_file);
         else
-            set_msg(msg, msglen, "key file %s: %s", key_file, why);
+            am_error_setmsg(msg, msglen, "key file %s: %s", key_file, why);
         goto fail;
     }
     if (SSL_CTX_check_private_key(c->ctx) != 1) {
         openssl_reason(why, sizeof why);
-        set_msg(msg, msglen, "key file %s does not match certificate file %s: %s", key_file,
-                cert_file, why);
+        am_error_setmsg(msg, msglen, "key file %s does not match certificate file %s: %s", key_file,
+                        cert_file, why);
         goto fail;
     }
     *out = c;
@@ -274,7 +261,7 @@ int am_tls_new(struct am_tls_ctx *ctx, const char *host, struct am_tls **out, ch
 
     /* SNI carries DNS names only (RFC 6066 §3). */
     if (!is_ip && SSL_set_tlsext_host_name(t->ssl, host) != 1) {
-        set_msg(msg, msglen, "host name %s cannot be sent as SNI", host);
+        am_error_setmsg(msg, msglen, "host name %s cannot be sent as SNI", host);
         goto inval;
     }
     if (!ctx->insecure) {
@@ -282,7 +269,7 @@ int am_tls_new(struct am_tls_ctx *ctx, const char *host, struct am_tls **out, ch
         X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
         int ok = is_ip ? X509_VERIFY_PARAM_set1_ip_asc(param, host) : SSL_set1_host(t->ssl, host);
         if (ok != 1) {
-            set_msg(msg, msglen, "host %s cannot be verified", host);
+            am_error_setmsg(msg, msglen, "host %s cannot be verified", host);
             goto inval;
         }
     }
@@ -321,16 +308,17 @@ static void describe_failure(struct am_tls *t, int sslerr, const char *what, cha
     long vr = SSL_get_verify_result(t->ssl);
     if (vr != X509_V_OK) {
         ERR_clear_error();
-        set_msg(msg, msglen, "certificate verify failed: %s", X509_verify_cert_error_string(vr));
+        am_error_setmsg(msg, msglen, "certificate verify failed: %s",
+                        X509_verify_cert_error_string(vr));
         return;
     }
     if (sslerr == SSL_ERROR_ZERO_RETURN) {
         ERR_clear_error();
-        set_msg(msg, msglen, "%s: peer closed the TLS session", what);
+        am_error_setmsg(msg, msglen, "%s: peer closed the TLS session", what);
         return;
     }
     openssl_reason(why, sizeof why);
-    set_msg(msg, msglen, "%s: %s", what, why);
+    am_error_setmsg(msg, msglen, "%s: %s", what, why);
 }
 
 int am_tls_handshake(struct am_tls *t, char *msg, size_t msglen)

@@ -78,4 +78,9 @@ int am_error_from_upstream_status(int status, bool blob);
 /* Converts a libuv error (negative errno) into the closest AM_E* code. */
 int am_error_from_uv(int uverr);
 
+/* Formats the one-line message that accompanies an error return into msg[0..msglen),
+ * truncated to fit. msg may be NULL or msglen 0: the caller wanted no message. */
+void am_error_setmsg(char *msg, size_t msglen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 #endif

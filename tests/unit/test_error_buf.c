@@ -308,11 +308,26 @@ static void steal_of_an_empty_buffer_returns_an_allocated_empty_string(void **st
     free(p);
 }
 
+static void setmsg_formats_truncates_and_accepts_no_buffer(void **state)
+{
+    (void)state;
+    char msg[8];
+    am_error_setmsg(msg, sizeof msg, "key %s: %d", "file", 42);
+    assert_string_equal(msg, "key fil"); /* cut to fit, NUL-terminated */
+    am_error_setmsg(msg, sizeof msg, "%s", "ok");
+    assert_string_equal(msg, "ok");
+    msg[0] = 'x';
+    am_error_setmsg(msg, 0, "%s", "ignored");
+    assert_int_equal(msg[0], 'x');
+    am_error_setmsg(NULL, 64, "%s", "ignored"); /* no message wanted: no crash */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(looks_up_name_message_status_and_oci_code),
         cmocka_unit_test(reports_success_as_ok),
+        cmocka_unit_test(setmsg_formats_truncates_and_accepts_no_buffer),
         cmocka_unit_test(maps_unknown_codes_to_the_io_entry),
         cmocka_unit_test(gives_every_row_a_distinct_name_and_an_error_status),
         cmocka_unit_test(formats_the_oci_error_body_exactly),
